@@ -1,0 +1,141 @@
+"""Application wiring: one Service per process holds the pool, the broker, the relay and the open
+sessions; make_app maps URLs to handlers; start and stop bring it all up and down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import re
+import time
+
+import tornado.httpserver
+import tornado.web
+
+from feed_app import handlers
+from feed_app.broker import Broker
+from feed_app.config import Settings
+from feed_app.db import Database
+from feed_app.metrics import Metrics
+from feed_app.relay import OutboxRelay
+from feed_app.sessions import CLOSE_GOING_AWAY, FeedSession, FeedSocket
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("tornado.access")
+
+STATIC_DIR = pathlib.Path(__file__).resolve().parent.parent / "static"
+MAX_WS_MESSAGE = 4096  # the client sends nothing; Tornado's default would be 10 MiB
+_TOKEN_IN_QUERY = re.compile(r"(token=)[^&]*")
+
+
+class Service:
+    def __init__(self, settings: Settings, db: Database, broker: Broker, metrics: Metrics) -> None:
+        self.settings = settings
+        self.db = db
+        self.broker = broker
+        self.metrics = metrics
+        self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
+        self.sessions: set[FeedSession] = set()
+        self.server: tornado.httpserver.HTTPServer | None = None
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Service:
+        """Connect the pool (fails fast if PostgreSQL is down at start) and begin connecting the
+        broker (the service starts without it: posts wait in the outbox, sessions wait to bind)."""
+        metrics = Metrics()
+        db = await Database.connect(settings.db_dsn, settings.db_pool_size)
+
+        def count_reconnect() -> None:
+            metrics.broker_reconnects += 1
+
+        urls = [url.strip() for url in settings.amqp_url.split(",") if url.strip()]
+        broker = Broker(urls, prefetch=settings.prefetch, on_reconnect=count_reconnect)
+        service = cls(settings, db, broker, metrics)
+        broker.start()
+        service.relay.start()
+        return service
+
+    def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession:
+        session = FeedSession(
+            user_id,
+            socket,
+            db=self.db,
+            broker=self.broker,
+            metrics=self.metrics,
+            settings=self.settings,
+            on_closed=self.sessions.discard,
+        )
+        self.sessions.add(session)
+        return session
+
+    def listen(self, sockets: list | None = None) -> None:
+        app = make_app(self)
+        self.server = tornado.httpserver.HTTPServer(app, xheaders=True)
+        if sockets is None:
+            self.server.listen(self.settings.port, self.settings.host)
+        else:
+            self.server.add_sockets(sockets)
+
+    async def stop(self) -> None:
+        """Graceful shutdown within settings.shutdown_timeout: stop accepting, close feed sockets
+        with 1001 (clients reconnect elsewhere), flush the outbox, close broker and pool."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        if self.server:
+            self.server.stop()
+        for session in list(self.sessions):
+            session.close(CLOSE_GOING_AWAY, "server shutting down; reconnect with since=")
+        try:
+            await self.relay.flush(deadline)
+        except Exception as exc:  # shutdown goes on; the lease hands leftovers to another process
+            log.warning("outbox not flushed: %s", exc)
+        await self.relay.stop()
+        try:
+            await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            log.warning("broker connection did not close in time")
+        await self.db.close()
+        if self.server:
+            await asyncio.wait_for(self.server.close_all_connections(), 1)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log, minus feed tokens (browsers can only pass them in the query)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    uri = _TOKEN_IN_QUERY.sub(r"\1***", request.uri or "")
+    elapsed_ms = 1000.0 * request.request_time()
+    access_log.log(
+        level, "%d %s %s (%s) %.2fms", status, request.method, uri, request.remote_ip, elapsed_ms
+    )
+
+
+def make_app(service: Service) -> tornado.web.Application:
+    s = {"service": service}
+    return tornado.web.Application(
+        [
+            (
+                r"/",
+                tornado.web.StaticFileHandler,
+                {"path": STATIC_DIR, "default_filename": "index.html"},
+            ),
+            (r"/user/register", handlers.RegisterHandler, s),
+            (r"/login", handlers.LoginHandler, s),
+            (r"/user/get/([^/]+)", handlers.UserHandler, s),
+            (r"/friend/set/([^/]+)", handlers.FollowHandler, {**s, "follow": True}),
+            (r"/friend/delete/([^/]+)", handlers.FollowHandler, {**s, "follow": False}),
+            (r"/post/create", handlers.CreatePostHandler, s),
+            (r"/post/get/([^/]+)", handlers.PostHandler, s),
+            (r"/post/feed", handlers.FeedPageHandler, s),
+            (r"/post/feed/([^/]+)", handlers.FeedSocketHandler, s),
+            (r"/healthz", handlers.HealthHandler, s),
+            (r"/readyz", handlers.ReadyHandler, s),
+            (r"/metrics", handlers.MetricsHandler, s),
+        ],
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args=s,
+        log_function=log_request,
+        websocket_ping_interval=service.settings.ping_interval,
+        websocket_ping_timeout=service.settings.ping_interval,
+        websocket_max_message_size=MAX_WS_MESSAGE,
+    )

@@ -1,0 +1,330 @@
+"""The process's one AMQP connection to RabbitMQ, kept alive as an explicit state machine.
+
+    CLOSED --start()--> CONNECTING --opened--> OPEN --lost--> WAITING --backoff--> CONNECTING ...
+                                               OPEN --stop()--> CLOSING --> CLOSED
+
+Why one connection and a handful of channels: every websocket session needs a queue and a consumer,
+but a channel per session would run into the broker's channel_max (2047 by default) and exceeding
+it closes the whole connection. Sessions share a few channels instead, which also spreads pika's
+one-synchronous-method-at-a-time-per-channel queueing across them.
+
+Why a lost channel drops the connection: an error on a shared channel kills every consumer on it.
+Rather than a second, rarer recovery path for "this channel's sessions", the broker reconnects and
+every listener heals the one way it already knows (declare, bind, read back from PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pika
+import pika.channel
+import pika.frame
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from feed_app.config import redact_url
+
+log = logging.getLogger(__name__)
+
+POSTS_EXCHANGE = "amq.direct"
+SESSION_QUEUE_EXPIRES_MS = 60_000  # safety net: an unused session queue vanishes after a minute
+BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
+
+
+class BrokerUnavailable(Exception):
+    """No open connection to RabbitMQ right now (it is being re-established)."""
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    CONNECTING = "connecting"
+    OPEN = "open"
+    WAITING = "waiting"
+    CLOSING = "closing"
+
+
+class BrokerListener(Protocol):
+    def on_broker_open(self) -> None: ...
+    def on_broker_lost(self) -> None: ...
+
+
+def control_key(user_id: int) -> str:
+    """Routing key of messages about one user's follows, bound to each of the user's sessions."""
+    return f"control.{user_id}"
+
+
+class Channel:
+    """A pika channel whose synchronous methods are awaitable and fail when the channel dies."""
+
+    def __init__(self, channel: pika.channel.Channel) -> None:
+        self.pika = channel
+        self._pending: set[asyncio.Future] = set()
+        channel.add_on_close_callback(self._on_closed)
+
+    @property
+    def is_open(self) -> bool:
+        return self.pika.is_open
+
+    async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a pika method taking `callback=`; wait for the broker's reply frame."""
+        if not self.pika.is_open:
+            raise BrokerUnavailable("channel closed")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.add(future)
+
+        def on_reply(frame: Any) -> None:
+            if not future.done():
+                future.set_result(frame)
+
+        try:
+            method(*args, callback=on_reply, **kwargs)
+            return await future
+        finally:
+            self._pending.discard(future)
+
+    def _on_closed(self, _channel: pika.channel.Channel, reason: Exception) -> None:
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(BrokerUnavailable(f"channel closed: {reason}"))
+
+
+class Broker:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        session_channels: int = 4,
+        prefetch: int = 64,
+        on_reconnect: Callable[[], None] = lambda: None,
+    ) -> None:
+        # A cluster is a list of nodes: each connection attempt tries the next one.
+        self._endpoints = itertools.cycle([(url, self._parameters_from(url)) for url in urls])
+        self._session_channel_count = session_channels
+        self._prefetch = prefetch
+        self._on_reconnect = on_reconnect
+        self.state = State.CLOSED
+        self.listeners: set[BrokerListener] = set()
+        self._connection: AsyncioConnection | None = None
+        self._publish_channel: Channel | None = None
+        self._session_channels: list[Channel] = []
+        self._round_robin = itertools.count()
+        self._unconfirmed: dict[int, asyncio.Future] = {}
+        self._next_delivery_tag = 1
+        self._overflow_handlers: dict[str, Callable[[], None]] = {}
+        self.overflow_queue = ""
+        self._attempt = 0
+        self._opened = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._reconnect_handle: asyncio.TimerHandle | None = None
+        self._opening: asyncio.Task | None = None
+
+    @staticmethod
+    def _parameters_from(url: str) -> pika.URLParameters:
+        parameters = pika.URLParameters(url)
+        if "heartbeat" not in url:
+            parameters.heartbeat = 15  # find a dead broker in ~30 s rather than pika's 60 s
+        parameters.connection_attempts = 1  # retries are ours, with backoff
+        parameters.socket_timeout = 5
+        parameters.blocked_connection_timeout = 30
+        return parameters
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._closed.clear()
+        self._connect()
+
+    async def wait_open(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._opened.wait(), timeout)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
+
+    async def stop(self) -> None:
+        if self._reconnect_handle:
+            self._reconnect_handle.cancel()
+        if self.state is State.CLOSED:
+            return
+        if self._connection and not (self._connection.is_closed or self._connection.is_closing):
+            self.state = State.CLOSING
+            self._connection.close()
+            await self._closed.wait()
+        self.state = State.CLOSED
+
+    def _connect(self) -> None:
+        url, parameters = next(self._endpoints)
+        log.info("connecting to %s", redact_url(url))
+        self.state = State.CONNECTING
+        self._connection = AsyncioConnection(
+            parameters,
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+            # pika would otherwise make a loop of its own that never runs: use Tornado's.
+            custom_ioloop=asyncio.get_running_loop(),
+        )
+
+    def _schedule_reconnect(self) -> None:
+        # Full jitter: instances that lost the same broker do not all come back at once.
+        delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_FIRST * 2**self._attempt))
+        self._attempt += 1
+        self.state = State.WAITING
+        log.info("reconnecting to RabbitMQ in %.2f s (attempt %d)", delay, self._attempt)
+        self._reconnect_handle = asyncio.get_running_loop().call_later(delay, self._connect)
+
+    # --- connection callbacks --------------------------------------------------------------------
+
+    def _on_connection_open(self, connection: AsyncioConnection) -> None:
+        self._opening = asyncio.ensure_future(self._open_channels(connection))
+
+    def _on_connection_open_error(self, _connection: AsyncioConnection, error: Exception) -> None:
+        log.warning("cannot connect to RabbitMQ: %s", error or type(error).__name__)
+        if self.state is State.CLOSING:
+            self._closed.set()
+        else:
+            self._schedule_reconnect()
+
+    def _on_connection_closed(self, _connection: AsyncioConnection, reason: Exception) -> None:
+        was_open = self.state is State.OPEN
+        self._forget_channels(reason)
+        if self.state is State.CLOSING:
+            self.state = State.CLOSED
+            self._closed.set()
+            return
+        log.warning("RabbitMQ connection lost: %s", reason)
+        if was_open:
+            for listener in list(self.listeners):
+                listener.on_broker_lost()
+        self._schedule_reconnect()
+
+    def _on_channel_closed(self, channel: pika.channel.Channel, reason: Exception) -> None:
+        if self.state is State.OPEN and self._connection and self._connection.is_open:
+            log.warning("channel %s closed (%s): reconnecting", channel.channel_number, reason)
+            self._connection.close(320, "channel lost; reconnecting")
+
+    async def _open_channels(self, connection: AsyncioConnection) -> None:
+        try:
+            self._publish_channel = await self._open_channel(connection)
+            await self._publish_channel.call(
+                self._publish_channel.pika.confirm_delivery, self._on_confirm
+            )
+            self._next_delivery_tag = 1
+            self._session_channels = []
+            for _ in range(self._session_channel_count):
+                channel = await self._open_channel(connection)
+                # Per consumer: a session gets at most `prefetch` posts ahead of its socket.
+                await channel.call(channel.pika.basic_qos, prefetch_count=self._prefetch)
+                self._session_channels.append(channel)
+            await self._declare_overflow_queue(self._session_channels[0])
+        except BrokerUnavailable:
+            return  # the connection died while opening; _on_connection_closed reconnects
+        if self._attempt:
+            self._on_reconnect()
+        self._attempt = 0
+        self.state = State.OPEN
+        self._opened.set()
+        log.info("RabbitMQ connection open")
+        for listener in list(self.listeners):
+            listener.on_broker_open()
+
+    async def _open_channel(self, connection: AsyncioConnection) -> Channel:
+        future = asyncio.get_running_loop().create_future()
+        connection.channel(on_open_callback=future.set_result)
+        channel = Channel(await asyncio.wait_for(future, 10))
+        channel.pika.add_on_close_callback(self._on_channel_closed)
+        return channel
+
+    def _forget_channels(self, reason: Exception) -> None:
+        self._opened.clear()
+        for future in self._unconfirmed.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable(f"connection lost: {reason}"))
+        self._unconfirmed.clear()
+        self._publish_channel = None
+        self._session_channels = []
+
+    # --- publishing with confirms ----------------------------------------------------------------
+
+    def publish(
+        self, routing_key: str, body: bytes, properties: pika.BasicProperties
+    ) -> asyncio.Future:
+        """Publish to amq.direct; the future resolves once the broker has confirmed the message."""
+        channel = self._publish_channel
+        if self.state is not State.OPEN or channel is None or not channel.is_open:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        future = asyncio.get_running_loop().create_future()
+        self._unconfirmed[self._next_delivery_tag] = future
+        self._next_delivery_tag += 1
+        channel.pika.basic_publish(POSTS_EXCHANGE, routing_key, body, properties)
+        return future
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = [method.delivery_tag]
+        if method.multiple:
+            tags = [tag for tag in self._unconfirmed if tag <= method.delivery_tag]
+        for tag in tags:
+            future = self._unconfirmed.pop(tag, None)
+            if future and not future.done():
+                if acked:
+                    future.set_result(None)
+                else:
+                    future.set_exception(BrokerUnavailable("broker refused the message"))
+
+    # --- session queues --------------------------------------------------------------------------
+
+    def session_channel(self) -> Channel:
+        if self.state is not State.OPEN or not self._session_channels:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        return self._session_channels[next(self._round_robin) % len(self._session_channels)]
+
+    def session_queue_arguments(self, max_length: int) -> dict[str, Any]:
+        """A session queue keeps at most max_length posts. When a slow client lets it fill, the
+        broker drops the oldest and dead-letters it to this connection's overflow queue, which is
+        how the session learns it fell behind (and is closed, to resume from the database)."""
+        return {
+            "x-expires": SESSION_QUEUE_EXPIRES_MS,
+            "x-max-length": max_length,
+            "x-overflow": "drop-head",
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.overflow_queue,
+        }
+
+    def watch_overflow(self, queue: str, on_overflow: Callable[[], None] | None) -> None:
+        if on_overflow is None:
+            self._overflow_handlers.pop(queue, None)
+        else:
+            self._overflow_handlers[queue] = on_overflow
+
+    async def _declare_overflow_queue(self, channel: Channel) -> None:
+        self.overflow_queue = f"feed.overflow.{secrets.token_hex(6)}"
+        await channel.call(
+            channel.pika.queue_declare,
+            self.overflow_queue,
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": 1000},
+        )
+        await channel.call(
+            channel.pika.basic_consume, self.overflow_queue, self._on_overflow, auto_ack=True
+        )
+
+    def _on_overflow(
+        self, _channel: Any, _method: Any, properties: pika.BasicProperties, _body: bytes
+    ) -> None:
+        headers = properties.headers or {}
+        queue = headers.get("x-first-death-queue")
+        if queue is None and headers.get("x-death"):
+            queue = headers["x-death"][0].get("queue")
+        handler = self._overflow_handlers.pop(queue, None)
+        if handler:
+            handler()

@@ -1,0 +1,87 @@
+"""All configuration in one place: environment variables, each overridable on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import urllib.parse
+from collections.abc import Sequence
+
+DEV_JWT_SECRET = "dev-secret-change-me"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    port: int = 8888
+    host: str = "127.0.0.1"
+    # No user in the DSN: libpq logs in as the OS user, like psql (scripts/ensure-services checks it).
+    db_dsn: str = "postgresql://127.0.0.1:5432/feed"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    jwt_secret: str = DEV_JWT_SECRET
+    token_ttl: int = 24 * 3600
+    workers: int = 1
+    db_pool_size: int = 10
+    history_size: int = 20
+    # A session queue holds at most this many posts; past it the oldest is dropped and the
+    # session is closed as too slow (the client resumes from the database).
+    session_queue_max: int = 1000
+    prefetch: int = 64
+    ping_interval: float = 20.0
+    outbox_lease: float = 10.0
+    shutdown_timeout: float = 10.0
+    demo: bool = False
+
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.jwt_secret == DEV_JWT_SECRET
+
+
+# (field, environment variable, help). The command-line flag is the field name with dashes.
+_OPTIONS = [
+    ("port", "FEED_PORT", "HTTP port"),
+    ("host", "FEED_HOST", "address to listen on"),
+    ("db_dsn", "FEED_DB_DSN", "PostgreSQL DSN; the database is created if missing"),
+    ("amqp_url", "FEED_AMQP_URL", "RabbitMQ URL; several, comma-separated, for a cluster"),
+    ("jwt_secret", "FEED_JWT_SECRET", "HS256 key for login tokens (a dev default warns)"),
+    ("token_ttl", "FEED_TOKEN_TTL", "token lifetime, seconds"),
+    ("workers", "FEED_WORKERS", "processes sharing the port (0 = one per core)"),
+    ("db_pool_size", "FEED_DB_POOL_SIZE", "database connections per process"),
+    ("history_size", "FEED_HISTORY_SIZE", "posts a new feed socket gets without since="),
+    ("session_queue_max", "FEED_SESSION_QUEUE_MAX", "posts buffered per session before 4008"),
+    ("prefetch", "FEED_PREFETCH", "unacknowledged posts per session in flight"),
+    ("ping_interval", "FEED_PING_INTERVAL", "websocket ping interval, seconds"),
+    ("outbox_lease", "FEED_OUTBOX_LEASE", "seconds before another process republishes a post"),
+    ("shutdown_timeout", "FEED_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take"),
+]
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: dict[str, str] | None = None
+) -> Settings:
+    env = os.environ if env is None else env
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        description="Live news-feed service.",
+        epilog="Every option falls back to its environment variable, then to the default shown.",
+    )
+    for field, var, text in _OPTIONS:
+        default = getattr(defaults, field)
+        shown = "(set)" if field == "jwt_secret" else default
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=type(default),
+            default=type(default)(env.get(var, default)),
+            help=f"{text} [{var}, default {shown}]",
+        )
+    parser.add_argument("--demo", action="store_true", help="seed demo users and follows")
+    return Settings(**vars(parser.parse_args(argv)))
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,249 @@
+"""PostgreSQL: schema set-up at start, a connection pool, and one small helper per query."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import pathlib
+import uuid
+from typing import Any
+
+import aiopg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = pathlib.Path(__file__).resolve().parent.parent / "sql"
+MIGRATION_LOCK = 0x46454544  # pg_advisory_lock key ("FEED") serialising concurrent start-ups
+QUERY_TIMEOUT = 5.0  # seconds; aiopg closes a connection whose query times out
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (or answered too slowly); the caller answers 503."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Post:
+    id: int
+    author_id: int
+    text: str
+    created_at: datetime.datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "author_id": self.author_id,
+            "text": self.text,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+# --- schema, applied synchronously before the event loop starts ----------------------------------
+
+
+def prepare_database(dsn: str) -> None:
+    """Create the database if missing, then apply the not-yet-applied files of sql/ in order."""
+    _create_database_if_missing(dsn)
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        # Several processes may start at once; one applies, the others wait and find it done.
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur.execute("SELECT version FROM schema_migrations")
+        applied = {version for (version,) in cur.fetchall()}
+        for path in sorted(SQL_DIR.glob("*.sql")):
+            if path.name not in applied:
+                log.info("applying %s", path.name)
+                cur.execute(path.read_text())
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (path.name,))
+    conn.close()
+
+
+def _create_database_if_missing(dsn: str) -> None:
+    params = psycopg2.extensions.parse_dsn(dsn)
+    name = params.get("dbname", "")
+    try:
+        psycopg2.connect(dsn).close()
+        return
+    except psycopg2.OperationalError as exc:
+        if f'database "{name}" does not exist' not in str(exc):
+            raise
+    admin = psycopg2.connect(**{**params, "dbname": "postgres"})
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            quoted = psycopg2.extensions.quote_ident(name, cur)
+            cur.execute(f"CREATE DATABASE {quoted}")
+        log.info("created database %s", name)
+    except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
+        pass  # another process created it first
+    finally:
+        admin.close()
+
+
+# --- queries --------------------------------------------------------------------------------------
+
+_POST_COLUMNS = "id, author_id, text, created_at"
+
+
+class Database:
+    """The process's connection pool and the queries the service runs.
+
+    aiopg runs in autocommit mode, so each helper is one statement and one transaction; where two
+    things must happen atomically they are one statement (see insert_post).
+    """
+
+    def __init__(self, pool: aiopg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, pool_size: int) -> Database:
+        pool = await aiopg.create_pool(
+            dsn,
+            minsize=1,
+            maxsize=pool_size,
+            timeout=QUERY_TIMEOUT,
+            pool_recycle=300,
+            connect_timeout=3,
+            options="-c timezone=UTC",
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        self.pool.close()
+        await self.pool.wait_closed()
+
+    async def _run(self, sql: str, params: Any = None, *, retry: bool = True) -> list[tuple]:
+        """One statement; a read (retry=True) is retried once on a fresh connection, because after
+        a PostgreSQL restart every pooled connection is dead and only use reveals it."""
+        try:
+            async with self.pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(sql, params)
+                return await cur.fetchall() if cur.description else []
+        except (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError) as exc:
+            await self.pool.clear()
+            if retry:
+                return await self._run(sql, params, retry=False)
+            raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
+
+    async def ping(self) -> None:
+        await self._run("SELECT 1")
+
+    # users and follows
+
+    async def create_user(self, name: str, password_hash: str) -> int:
+        sql = "INSERT INTO users (name, password_hash) VALUES (%s, %s) RETURNING id"
+        [(user_id,)] = await self._run(sql, (name, password_hash), retry=False)
+        return user_id
+
+    async def get_user(self, user_id: int) -> tuple[int, str] | None:
+        rows = await self._run("SELECT id, name FROM users WHERE id = %s", (user_id,))
+        return rows[0] if rows else None
+
+    async def get_password_hash(self, user_id: int) -> str | None:
+        rows = await self._run("SELECT password_hash FROM users WHERE id = %s", (user_id,))
+        return rows[0][0] if rows else None
+
+    async def follow(self, follower_id: int, author_id: int) -> None:
+        sql = "INSERT INTO follows (follower_id, author_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+        await self._run(sql, (follower_id, author_id))  # idempotent, so safe to retry
+
+    async def unfollow(self, follower_id: int, author_id: int) -> None:
+        sql = "DELETE FROM follows WHERE follower_id = %s AND author_id = %s"
+        await self._run(sql, (follower_id, author_id))
+
+    async def following(self, user_id: int) -> list[int]:
+        sql = "SELECT author_id FROM follows WHERE follower_id = %s"
+        return [author_id for (author_id,) in await self._run(sql, (user_id,))]
+
+    # posts
+
+    async def insert_post(self, author_id: int, text: str, owner: uuid.UUID, lease: float) -> Post:
+        """Store a post and its outbox row in one statement (so one transaction).
+
+        The id comes from post_clock, whose row stays locked until this transaction commits: the
+        next post waits for this commit before taking id + 1, so ids are in commit order. The
+        lock is taken by the first sub-statement and held only for two inserts and the commit.
+        """
+        sql = f"""
+            WITH clock AS (
+                UPDATE post_clock SET last_id = last_id + 1 RETURNING last_id
+            ), post AS (
+                INSERT INTO posts (id, author_id, text)
+                SELECT last_id, %(author)s, %(text)s FROM clock
+                RETURNING {_POST_COLUMNS}
+            ), queued AS (
+                INSERT INTO outbox (post_id, owner, claimed_until)
+                SELECT id, %(owner)s, now() + %(lease)s * interval '1 second' FROM post
+            )
+            SELECT {_POST_COLUMNS} FROM post"""
+        params = {"author": author_id, "text": text, "owner": str(owner), "lease": lease}
+        [row] = await self._run(sql, params, retry=False)
+        return Post(*row)
+
+    async def get_post(self, post_id: int) -> Post | None:
+        rows = await self._run(f"SELECT {_POST_COLUMNS} FROM posts WHERE id = %s", (post_id,))
+        return Post(*rows[0]) if rows else None
+
+    async def feed_page(self, user_id: int, offset: int, limit: int) -> list[Post]:
+        sql = f"""
+            SELECT {", ".join("p." + c for c in _POST_COLUMNS.split(", "))}
+            FROM posts p JOIN follows f ON f.author_id = p.author_id
+            WHERE f.follower_id = %s ORDER BY p.id DESC OFFSET %s LIMIT %s"""
+        return [Post(*row) for row in await self._run(sql, (user_id, offset, limit))]
+
+    async def posts_after(
+        self, author_ids: list[int], after_id: int, limit: int, *, newest: bool = False
+    ) -> tuple[list[Post], int]:
+        """Posts of these authors with id > after_id, oldest first, and the horizon: the last post
+        id handed out when the read was made. Every post with an id up to the horizon is visible
+        to this read (ids are in commit order), so a session that binds its queue before calling
+        this and then discards live posts at or below the horizon misses nothing and shows
+        nothing twice. With newest=True, the newest `limit` posts instead of the oldest."""
+        order = "DESC" if newest else "ASC"
+        sql = f"""
+            SELECT c.last_id, {", ".join("p." + c for c in _POST_COLUMNS.split(", "))}
+            FROM post_clock c LEFT JOIN LATERAL (
+                SELECT {_POST_COLUMNS} FROM posts
+                WHERE author_id = ANY(%s) AND id > %s AND id <= c.last_id
+                ORDER BY id {order} LIMIT %s
+            ) p ON true"""
+        rows = await self._run(sql, (author_ids, after_id, limit))
+        posts = [Post(*row[1:]) for row in rows if row[1] is not None]
+        posts.sort(key=lambda post: post.id)
+        return posts, rows[0][0]
+
+    # outbox
+
+    async def claim_outbox(
+        self, owner: uuid.UUID, lease: float, limit: int, skip: list[int]
+    ) -> list[Post]:
+        """Take over outbox rows whose lease ran out (their writer died) or that are this process's
+        own and not being published right now (the broker was down); extend their lease."""
+        sql = f"""
+            WITH claimed AS (
+                UPDATE outbox SET owner = %(owner)s,
+                                  claimed_until = now() + %(lease)s * interval '1 second'
+                WHERE post_id IN (
+                    SELECT post_id FROM outbox
+                    WHERE (claimed_until < now() OR owner = %(owner)s)
+                      AND post_id <> ALL(%(skip)s)
+                    ORDER BY post_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+                RETURNING post_id)
+            SELECT {_POST_COLUMNS} FROM posts WHERE id IN (SELECT post_id FROM claimed)
+            ORDER BY id"""
+        params = {"owner": str(owner), "lease": lease, "limit": limit, "skip": skip}
+        return [Post(*row) for row in await self._run(sql, params, retry=False)]
+
+    async def delete_outbox(self, post_ids: list[int]) -> None:
+        await self._run("DELETE FROM outbox WHERE post_id = ANY(%s)", (post_ids,))
+
+    async def outbox_backlog(self) -> int:
+        [(count,)] = await self._run("SELECT count(*) FROM outbox")
+        return count

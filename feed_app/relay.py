@@ -1,0 +1,166 @@
+"""The outbox relay: every committed post reaches the broker, whatever fails in between.
+
+A post and its outbox row are committed together (db.insert_post). The process that wrote them
+publishes at once (the fast path) and deletes the row when the broker confirms. Anything left over
+(the broker was down, the confirm never came, the writing process died) is found by the sweep:
+rows whose lease ran out, or this process's own rows not in flight, are claimed and published
+again. A post can therefore be published twice, never zero times; sessions de-duplicate by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+import pika
+
+from feed_app.broker import Broker, BrokerUnavailable, control_key
+from feed_app.db import Database, DatabaseUnavailable, Post
+from feed_app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 500
+
+
+def post_message(post: Post) -> tuple[bytes, pika.BasicProperties]:
+    """The message body is the exact websocket frame, so a session forwards it without decoding;
+    the post id and creation time travel as properties for de-duplication and latency."""
+    body = json.dumps({"type": "post", "post": post.to_json()}, separators=(",", ":"))
+    properties = pika.BasicProperties(
+        message_id=str(post.id),
+        content_type="application/json",
+        delivery_mode=1,  # transient: session queues are transient anyway
+        headers={"created_ms": int(post.created_at.timestamp() * 1000)},
+    )
+    return body.encode(), properties
+
+
+class OutboxRelay:
+    def __init__(self, db: Database, broker: Broker, metrics: Metrics, lease: float) -> None:
+        self.db = db
+        self.broker = broker
+        self.metrics = metrics
+        self.lease = lease
+        self.owner = uuid.uuid4()  # this process, as the outbox lease holder
+        self._in_flight: set[int] = set()
+        self._confirmed: list[int] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._wake_deleter = asyncio.Event()
+        self._wake_sweeper = asyncio.Event()
+        self._stopping = False
+
+    def start(self) -> None:
+        self.broker.listeners.add(self)
+        for loop in (self._delete_confirmed, self._sweep):
+            self._spawn(loop())
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- fast path ----------------------------------------------------------------------------
+
+    def publish(self, post: Post) -> None:
+        """Publish a just-committed post; failures are left to the sweep."""
+        if self.broker.is_open:
+            self._spawn(self._publish(post))
+
+    async def _publish(self, post: Post) -> None:
+        if post.id in self._in_flight:
+            return
+        self._in_flight.add(post.id)
+        try:
+            body, properties = post_message(post)
+            await self.broker.publish(str(post.author_id), body, properties)
+        except BrokerUnavailable as exc:
+            log.info("post %d not published yet (%s); the outbox keeps it", post.id, exc)
+            return
+        finally:
+            self._in_flight.discard(post.id)
+        self.metrics.publishes += 1
+        self._confirmed.append(post.id)
+        self._wake_deleter.set()
+
+    async def _delete_confirmed(self) -> None:
+        """Delete confirmed rows in batches: one statement per wake-up, not one per post."""
+        while True:
+            await self._wake_deleter.wait()
+            self._wake_deleter.clear()
+            batch, self._confirmed = self._confirmed, []
+            try:
+                await self.db.delete_outbox(batch)
+            except DatabaseUnavailable as exc:
+                # The rows stay and are published again later: a duplicate, which sessions drop.
+                log.warning("cannot delete %d outbox rows: %s", len(batch), exc)
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def on_broker_open(self) -> None:
+        self._wake_sweeper.set()
+
+    def on_broker_lost(self) -> None:
+        pass
+
+    async def _sweep(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake_sweeper.wait(), self.lease / 2)
+            self._wake_sweeper.clear()
+            if self.broker.is_open:
+                await self.sweep_once()
+
+    async def sweep_once(self) -> int:
+        """Claim and publish leftover outbox rows; returns how many were claimed."""
+        claimed = 0
+        while self.broker.is_open:
+            try:
+                posts = await self.db.claim_outbox(
+                    self.owner, self.lease, SWEEP_BATCH, sorted(self._in_flight)
+                )
+            except DatabaseUnavailable as exc:
+                log.warning("outbox sweep skipped: %s", exc)
+                break
+            if posts:
+                log.info("republishing %d posts from the outbox", len(posts))
+            await asyncio.gather(*(self._publish(post) for post in posts))
+            claimed += len(posts)
+            if len(posts) < SWEEP_BATCH:
+                break
+        return claimed
+
+    async def flush(self, deadline: float) -> None:
+        """On shutdown: publish what this process still owns and delete the confirmed rows."""
+        if self.broker.is_open:
+            await asyncio.wait_for(self.sweep_once(), max(0.1, deadline - time.monotonic()))
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._confirmed:
+            await self.db.delete_outbox(self._confirmed)
+            self._confirmed = []
+
+    async def stop(self) -> None:
+        self.broker.listeners.discard(self)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- follow changes ----------------------------------------------------------------------
+
+    async def publish_follow_change(self, user_id: int, author_id: int, following: bool) -> None:
+        """Tell the user's open sessions, on every instance, to bind or unbind the author. Not in
+        the outbox: if this is lost, the sessions re-read follows when they next heal."""
+        properties = pika.BasicProperties(
+            type="follow" if following else "unfollow", delivery_mode=1
+        )
+        try:
+            await asyncio.wait_for(
+                self.broker.publish(control_key(user_id), str(author_id).encode(), properties), 5
+            )
+        except (BrokerUnavailable, asyncio.TimeoutError) as exc:
+            log.warning("follow change of user %d not announced: %s", user_id, exc)

@@ -1,0 +1,312 @@
+"""A feed session: one open websocket, its own queue, and the bookkeeping that makes it exact.
+
+The queue is bound before anything is read from PostgreSQL, and live posts are held back while the
+read is sent. A post committed before the read is in the read; one committed after it was published
+after the bind, so it is in the queue. The read also returns the horizon (the last post id handed
+out when it ran; ids are in commit order) and the session drops live posts at or below the horizon
+and any id it has already sent, so the hand-over has neither a gap nor a duplicate.
+
+The same sync runs again whenever the queue was lost (the broker connection dropped): declare,
+bind, then read everything after the horizon. So a broker restart costs a client nothing but time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pika
+from tornado.websocket import WebSocketClosedError
+
+from feed_app.broker import POSTS_EXCHANGE, Broker, BrokerUnavailable, Channel, control_key
+from feed_app.config import Settings
+from feed_app.db import Database, DatabaseUnavailable, Post
+from feed_app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+RESUME_PAGE = 500
+
+# Websocket close codes (documented in the README).
+CLOSE_GOING_AWAY = 1001  # the server shuts down; reconnect (to another instance)
+CLOSE_CLIENT_DATA = 1003  # the client sent a message; the feed is server-to-client
+CLOSE_SERVER_ERROR = 1011  # the database failed mid-session; reconnect with since=
+CLOSE_TOO_SLOW = 4008  # the client fell too far behind; reconnect with since=
+
+
+class FeedSocket(Protocol):
+    def write_message(self, message: str) -> Any: ...
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class SeenPosts:
+    """Which post ids the session has sent, so none is sent twice, in bounded memory.
+
+    `floor` means "everything up to here is settled": at or below it a post was either sent or
+    deliberately left out (older than the history window). Above it, ids are remembered one by
+    one; past `capacity` the oldest remembered id raises the floor instead. That only drops a post
+    that arrives more than `capacity` deliveries late, which the outbox does not do in practice.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self.floor = 0
+        self._ids: set[int] = set()
+        self._order: collections.deque[int] = collections.deque()
+
+    def add(self, post_id: int) -> bool:
+        """True the first time an id above the floor is seen, False for a duplicate."""
+        if post_id <= self.floor or post_id in self._ids:
+            return False
+        self._ids.add(post_id)
+        self._order.append(post_id)
+        if len(self._order) > self.capacity:
+            oldest = self._order.popleft()
+            self._ids.discard(oldest)
+            self.floor = max(self.floor, oldest)
+        return True
+
+    def raise_floor(self, horizon: int) -> None:
+        if horizon <= self.floor:
+            return
+        self.floor = horizon
+        self._order = collections.deque(i for i in self._order if i > horizon)
+        self._ids = set(self._order)
+
+
+class FeedSession:
+    def __init__(
+        self,
+        user_id: int,
+        socket: FeedSocket,
+        *,
+        db: Database,
+        broker: Broker,
+        metrics: Metrics,
+        settings: Settings,
+        on_closed: Callable[[FeedSession], None],
+    ) -> None:
+        self.user_id = user_id
+        self.socket = socket
+        self.db = db
+        self.broker = broker
+        self.metrics = metrics
+        self.settings = settings
+        self.on_closed = on_closed
+        self.queue = f"{user_id}.{secrets.token_hex(8)}"
+        self.following: set[int] = set()
+        self.seen = SeenPosts()
+        self.channel: Channel | None = None
+        self.consumer_tag: str | None = None
+        self.ready = False
+        self.closed = False
+        self._history_pending = True  # the first sync sends history (or the resume read)
+        # Live posts are held here while a sync sends what was read from the database.
+        self._held: list[tuple[Channel, Any, pika.BasicProperties, bytes]] | None = []
+        self._lock = asyncio.Lock()  # one sync or follow change at a time
+        self._sync_task: asyncio.Task | None = None
+        self._follow_tasks: set[asyncio.Task] = set()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, since: int | None) -> None:
+        if since is not None:
+            self.seen.raise_floor(since)
+            self._history_pending = False  # resume: everything after `since` instead
+        self.broker.listeners.add(self)
+        self._resync()
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """End the session: the consumer is cancelled and the queue deleted, however it ended."""
+        if self.closed:
+            return
+        self.closed = True
+        self.broker.listeners.discard(self)
+        self.broker.watch_overflow(self.queue, None)
+        if self._sync_task:
+            self._sync_task.cancel()
+        channel, self.channel = self.channel, None
+        if channel and channel.is_open:
+            if self.consumer_tag:
+                channel.pika.basic_cancel(self.consumer_tag)
+            # Exclusive auto-delete queues also vanish with the connection; this frees it now.
+            channel.pika.queue_delete(self.queue)
+        if code is not None:
+            self.socket.close(code, reason)
+        self.on_closed(self)
+
+    def on_broker_open(self) -> None:
+        self._resync()
+
+    def on_broker_lost(self) -> None:
+        # The queue died with the connection; live posts wait until the next sync has caught up.
+        self.channel = None
+        self.consumer_tag = None
+        self._held = []
+
+    def on_overflow(self) -> None:
+        log.info("session %s fell behind; closing it", self.queue)
+        self.metrics.slow_client_closes += 1
+        self.close(CLOSE_TOO_SLOW, "too slow: reconnect with since=<last post id>")
+
+    # --- sync: bind first, then read, then release live posts ----------------------------------
+
+    def _resync(self) -> None:
+        if self.closed:
+            return
+        if self._sync_task and not self._sync_task.done():
+            self._sync_task.cancel()
+        self._sync_task = asyncio.ensure_future(self._sync())
+
+    async def _sync(self) -> None:
+        try:
+            async with self._lock:
+                if not self.broker.is_open:
+                    return  # on_broker_open runs the sync again
+                await self._bind_queue()
+                if self._history_pending:
+                    posts, horizon = await self.db.posts_after(
+                        sorted(self.following), 0, self.settings.history_size, newest=True
+                    )
+                    await self._send_posts(posts)
+                    self.seen.raise_floor(horizon)
+                    self._history_pending = False
+                else:
+                    await self._send_posts_after_floor(sorted(self.following))
+                if not self.ready:
+                    self.ready = True
+                    await self._send({"type": "ready", "following": len(self.following)})
+                self._release_held()
+        except BrokerUnavailable as exc:
+            log.info("session %s waits for the broker: %s", self.queue, exc)
+        except WebSocketClosedError:
+            pass  # the handler's on_close ends the session
+        except DatabaseUnavailable as exc:
+            log.warning("session %s: database unavailable: %s", self.queue, exc)
+            self.close(CLOSE_SERVER_ERROR, "database unavailable; reconnect with since=")
+
+    async def _bind_queue(self) -> None:
+        channel = self.broker.session_channel()
+        self._held = []
+        self.channel = channel
+        arguments = self.broker.session_queue_arguments(self.settings.session_queue_max)
+        await channel.call(
+            channel.pika.queue_declare,
+            self.queue,
+            exclusive=True,
+            auto_delete=True,
+            arguments=arguments,
+        )
+        self.broker.watch_overflow(self.queue, self.on_overflow)
+        # The control key first: a follow made while we read the follows list still reaches us.
+        channel.pika.queue_bind(self.queue, POSTS_EXCHANGE, control_key(self.user_id))
+        self.following = set(await self.db.following(self.user_id))
+        # Without a callback, queue_bind is sent without waiting: all binds go out in one burst.
+        # basic_consume waits for its reply, and the broker answers a channel's commands in order,
+        # so when it returns every binding is in place.
+        for author_id in self.following:
+            channel.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
+        consume_ok = await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
+        self.consumer_tag = consume_ok.method.consumer_tag
+        if channel is not self.channel or not channel.is_open:
+            raise BrokerUnavailable("connection lost while binding")
+
+    async def _send_posts_after_floor(self, authors: list[int]) -> None:
+        """Everything these authors posted after the floor, page by page, then raise the floor."""
+        while True:
+            posts, horizon = await self.db.posts_after(authors, self.seen.floor, RESUME_PAGE)
+            await self._send_posts(posts)
+            if len(posts) < RESUME_PAGE:
+                self.seen.raise_floor(horizon)
+                return
+            self.seen.raise_floor(posts[-1].id)
+
+    async def _send_posts(self, posts: list[Post]) -> None:
+        last = None
+        for post in posts:
+            if self.seen.add(post.id):
+                last = self.socket.write_message(
+                    json.dumps({"type": "post", "post": post.to_json()})
+                )
+        if last is not None:
+            await last  # back-pressure: the next page waits until this one left the process
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        await self.socket.write_message(json.dumps(message))
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for channel, method, properties, body in held:
+            self._handle(channel, method, properties, body)
+
+    # --- live messages -------------------------------------------------------------------------
+
+    def _on_message(self, pika_channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        channel = self.channel
+        if channel is None or channel.pika is not pika_channel or self.closed:
+            return  # a delivery from before a reconnect; its queue is gone
+        if self._held is not None:
+            self._held.append((channel, method, properties, body))
+        else:
+            self._handle(channel, method, properties, body)
+
+    def _handle(self, channel: Channel, method: Any, properties: Any, body: bytes) -> None:
+        if properties.type in ("follow", "unfollow"):
+            channel.pika.basic_ack(method.delivery_tag)
+            task = asyncio.ensure_future(
+                self._change_follow(int(body), properties.type == "follow")
+            )
+            self._follow_tasks.add(task)
+            task.add_done_callback(self._follow_tasks.discard)
+            return
+        post_id = int(properties.message_id)
+        if int(method.routing_key) not in self.following or not self.seen.add(post_id):
+            channel.pika.basic_ack(method.delivery_tag)
+            return
+        # The body is already the websocket frame. The ack waits for the write to leave the
+        # process, so with the prefetch limit a slow client holds back its own queue only.
+        written = self.socket.write_message(body.decode())
+        written.add_done_callback(lambda future: self._ack(channel, method.delivery_tag, future))
+        self.metrics.deliveries += 1
+        created_ms = (properties.headers or {}).get("created_ms")
+        if created_ms:
+            self.metrics.delivery_latency.observe(max(0.0, time.time() - created_ms / 1000))
+
+    @staticmethod
+    def _ack(channel: Channel, delivery_tag: int, written: asyncio.Future) -> None:
+        # A failed write means the socket closed: its session deletes the queue, nothing to ack.
+        failed = written.cancelled() or written.exception() is not None
+        if not failed and channel.is_open:
+            channel.pika.basic_ack(delivery_tag)
+
+    async def _change_follow(self, author_id: int, follow: bool) -> None:
+        try:
+            async with self._lock:
+                channel = self.channel
+                if self.closed or channel is None or follow == (author_id in self.following):
+                    return
+                if follow:
+                    channel.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
+                    # A synchronous method as a barrier: the binding is in place after it.
+                    await channel.call(channel.pika.queue_declare, self.queue, passive=True)
+                    self.following.add(author_id)
+                    posts, _ = await self.db.posts_after(
+                        [author_id], 0, self.settings.history_size, newest=True
+                    )
+                    await self._send_posts(posts)
+                else:
+                    self.following.discard(author_id)  # drops posts already in the queue
+                    await channel.call(
+                        channel.pika.queue_unbind, self.queue, POSTS_EXCHANGE, str(author_id)
+                    )
+                await self._send({"type": "following", "following": len(self.following)})
+        except (BrokerUnavailable, WebSocketClosedError):
+            pass  # the next sync re-reads the follows; a closed socket ends the session
+        except DatabaseUnavailable:
+            self.close(CLOSE_SERVER_ERROR, "database unavailable; reconnect with since=")

@@ -1,0 +1,114 @@
+"""Start the live feed service: `python run.py [--demo] [--workers N]`; `--help` lists settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import psycopg2
+import tornado.netutil
+
+from feed_app import auth
+from feed_app.app import Service
+from feed_app.config import Settings, parse_settings, redact_url
+from feed_app.db import prepare_database
+
+log = logging.getLogger("feed")
+
+DEMO_PASSWORD = "demo-password"
+DEMO_USERS = ["alice", "bob", "carol", "dave"]
+DEMO_FOLLOWS = [("bob", "alice"), ("carol", "alice"), ("dave", "alice"), ("alice", "bob")]
+
+
+def seed_demo(dsn: str) -> None:
+    """Demo users with a known password, following each other, created once."""
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        ids = {}
+        for name in DEMO_USERS:
+            cur.execute("SELECT min(id) FROM users WHERE name = %s", (name,))
+            (user_id,) = cur.fetchone()
+            if user_id is None:
+                cur.execute(
+                    "INSERT INTO users (name, password_hash) VALUES (%s, %s) RETURNING id",
+                    (name, auth.hash_password_sync(DEMO_PASSWORD)),
+                )
+                (user_id,) = cur.fetchone()
+            ids[name] = user_id
+        for follower, author in DEMO_FOLLOWS:
+            cur.execute(
+                "INSERT INTO follows VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (ids[follower], ids[author]),
+            )
+    conn.close()
+    print(f"demo users (password '{DEMO_PASSWORD}'):", flush=True)
+    for name, user_id in ids.items():
+        follows = ", ".join(a for f, a in DEMO_FOLLOWS if f == name)
+        print(f"  id {user_id:<6} {name:<6} follows {follows}", flush=True)
+
+
+async def serve(settings: Settings, sockets: list | None) -> None:
+    service = await Service.create(settings)
+    service.listen(sockets)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("pid %d serving http://%s:%d/", os.getpid(), settings.host, settings.port)
+    await stopping.wait()
+    log.info("shutting down (deadline %.0f s)", settings.shutdown_timeout)
+    await service.stop()
+
+
+def run_workers(settings: Settings) -> int:
+    """N processes accepting on one shared socket, each with its own AMQP connection and pool.
+    The parent only forwards SIGTERM/SIGINT and waits; it exits non-zero if a worker failed."""
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+    children = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            asyncio.run(serve(settings, sockets))
+            os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def main() -> int:
+    settings = parse_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    if settings.uses_dev_secret:
+        log.warning(
+            "FEED_JWT_SECRET is not set: using the development secret (never in production)"
+        )
+    log.info("database %s, broker %s", redact_url(settings.db_dsn), redact_url(settings.amqp_url))
+    try:
+        prepare_database(settings.db_dsn)
+    except psycopg2.OperationalError as exc:
+        log.error("cannot prepare the database: %s", str(exc).strip())
+        return 2
+    if settings.demo:
+        seed_demo(settings.db_dsn)
+    workers = settings.workers or os.cpu_count() or 1
+    if workers == 1:
+        asyncio.run(serve(settings, None))
+        return 0
+    return run_workers(Settings(**{**vars(settings), "workers": workers}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
