@@ -115,7 +115,7 @@ def make_app(service: Service) -> tornado.web.Application:
     return tornado.web.Application(
         [
             (
-                r"/",
+                r"/()",
                 tornado.web.StaticFileHandler,
                 {"path": STATIC_DIR, "default_filename": "index.html"},
             ),

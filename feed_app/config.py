@@ -15,7 +15,7 @@ DEV_JWT_SECRET = "dev-secret-change-me"
 class Settings:
     port: int = 8888
     host: str = "127.0.0.1"
-    # No user in the DSN: libpq logs in as the OS user, like psql (scripts/ensure-services checks it).
+    # No user: libpq logs in as the OS user, like psql (scripts/ensure-services checks that works).
     db_dsn: str = "postgresql://127.0.0.1:5432/feed"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     jwt_secret: str = DEV_JWT_SECRET

@@ -126,7 +126,9 @@ class LoginHandler(BaseHandler):
     async def post(self) -> None:
         body = self.json_body({"id": int, "password": str})
         user_id = body["id"]
-        stored = await self.db.get_password_hash(user_id) if 0 < user_id <= MAX_ID else None
+        if not 0 < user_id <= MAX_ID:
+            raise ApiError(400, "id must be a positive integer below 2^63")
+        stored = await self.db.get_password_hash(user_id)
         if not await auth.verify_password(body["password"], stored):
             raise ApiError(401, "wrong user id or password")
         settings = self.service.settings

@@ -60,9 +60,10 @@ class SeenPosts:
         self._ids: set[int] = set()
         self._order: collections.deque[int] = collections.deque()
 
-    def add(self, post_id: int) -> bool:
-        """True the first time an id above the floor is seen, False for a duplicate."""
-        if post_id <= self.floor or post_id in self._ids:
+    def add(self, post_id: int, *, even_below_floor: bool = False) -> bool:
+        """True the first time an id is seen, False for a duplicate. Ids at or below the floor
+        count as seen, unless even_below_floor (the old posts of a newly followed author)."""
+        if (post_id <= self.floor and not even_below_floor) or post_id in self._ids:
             return False
         self._ids.add(post_id)
         self._order.append(post_id)
@@ -227,10 +228,10 @@ class FeedSession:
                 return
             self.seen.raise_floor(posts[-1].id)
 
-    async def _send_posts(self, posts: list[Post]) -> None:
+    async def _send_posts(self, posts: list[Post], *, even_below_floor: bool = False) -> None:
         last = None
         for post in posts:
-            if self.seen.add(post.id):
+            if self.seen.add(post.id, even_below_floor=even_below_floor):
                 last = self.socket.write_message(
                     json.dumps({"type": "post", "post": post.to_json()})
                 )
@@ -299,7 +300,7 @@ class FeedSession:
                     posts, _ = await self.db.posts_after(
                         [author_id], 0, self.settings.history_size, newest=True
                     )
-                    await self._send_posts(posts)
+                    await self._send_posts(posts, even_below_floor=True)
                 else:
                     self.following.discard(author_id)  # drops posts already in the queue
                     await channel.call(

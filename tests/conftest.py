@@ -1,0 +1,75 @@
+"""Fixtures: a database of its own for the test run, and the service on pytest-tornado's loop,
+talking to the real PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+
+import psycopg2
+import pytest
+
+from feed_app.app import Service, make_app
+from feed_app.config import Settings
+from feed_app.db import prepare_database
+from tests.support import Api
+
+SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
+AMQP_URL = os.environ.get("FEED_AMQP_URL", Settings.amqp_url)
+
+
+@pytest.fixture(scope="session")
+def db_dsn():
+    name = f"feed_test_{secrets.token_hex(4)}"
+    dsn = f"{SERVER_DSN}/{name}"
+    prepare_database(dsn)  # creates the database too
+    yield dsn
+    admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture
+def settings(db_dsn) -> Settings:
+    return Settings(db_dsn=db_dsn, amqp_url=AMQP_URL, outbox_lease=1.0, ping_interval=5.0)
+
+
+@pytest.fixture
+def service(io_loop, settings):
+    service = io_loop.run_sync(lambda: Service.create(settings))
+    io_loop.run_sync(lambda: service.broker.wait_open(10))
+    yield service
+    io_loop.run_sync(service.stop)
+
+
+@pytest.fixture
+def app(service):
+    return make_app(service)
+
+
+@pytest.fixture
+def api(http_server, base_url) -> Api:
+    return Api(base_url)
+
+
+@pytest.fixture
+def db_counts(db_dsn):
+    """A function returning the row count of every table, to prove bad input changed nothing."""
+
+    def counts() -> dict[str, int]:
+        with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
+            result = {}
+            for table in ("users", "follows", "posts", "outbox"):
+                cur.execute(f"SELECT count(*) FROM {table}")
+                result[table] = cur.fetchone()[0]
+        conn.close()
+        return result
+
+    return counts
+
+
+def with_settings(settings: Settings, **changes) -> Settings:
+    return dataclasses.replace(settings, **changes)

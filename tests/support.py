@@ -1,0 +1,163 @@
+"""Test clients for the HTTP API and the feed websocket, with bounded waits everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+from typing import Any
+
+import pika
+import pika.exceptions
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+PASSWORD = "correct horse"
+
+
+@dataclasses.dataclass
+class User:
+    id: int
+    token: str
+
+
+class Api:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http", "ws", 1)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        if data is None and method in ("POST", "PUT"):
+            data = b""
+        request = HTTPRequest(
+            self.base_url + path, method, headers=headers, body=data, request_timeout=10
+        )
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        return response.code, json.loads(response.body) if response.body else None
+
+    async def new_user(self, name: str = "") -> User:
+        code, body = await self.call(
+            "POST", "/user/register", {"name": name or "u", "password": PASSWORD}
+        )
+        assert code == 201, body
+        user_id = body["user_id"]
+        code, body = await self.call("POST", "/login", {"id": user_id, "password": PASSWORD})
+        assert code == 200, body
+        return User(user_id, body["token"])
+
+    async def follow(self, user: User, author: User) -> None:
+        code, body = await self.call("PUT", f"/friend/set/{author.id}", token=user.token)
+        assert code == 200, body
+
+    async def unfollow(self, user: User, author: User) -> None:
+        code, body = await self.call("PUT", f"/friend/delete/{author.id}", token=user.token)
+        assert code == 200, body
+
+    async def post(self, author: User, text: str = "") -> dict:
+        text = text or f"post {secrets.token_hex(4)}"
+        code, body = await self.call("POST", "/post/create", {"text": text}, token=author.token)
+        assert code == 201, body
+        return body
+
+    async def open_feed(self, user: User, since: int | None = None, timeout: float = 10) -> Feed:
+        query = f"?token={user.token}" + ("" if since is None else f"&since={since}")
+        ws = await asyncio.wait_for(
+            websocket_connect(f"{self.ws_url}/post/feed/{user.id}{query}"), timeout
+        )
+        feed = Feed(ws)
+        await feed.wait_ready(timeout)
+        return feed
+
+
+class Feed:
+    """An open feed socket. Messages are read into `posts`/`messages` as they arrive."""
+
+    def __init__(self, ws: WebSocketClientConnection) -> None:
+        self.ws = ws
+        self.messages: list[dict] = []
+        self.history: list[dict] = []  # posts that came before `ready`
+        self.ready: dict | None = None
+        self.close_code: int | None = None
+        self._arrived = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while (text := await self.ws.read_message()) is not None:
+            message = json.loads(text)
+            if message["type"] == "ready":
+                self.ready = message
+            elif message["type"] == "post" and self.ready is None:
+                self.history.append(message["post"])
+            else:
+                self.messages.append(message)
+            self._arrived.set()
+        self.close_code = self.ws.close_code
+        self._arrived.set()
+
+    async def _until(self, condition, timeout: float) -> None:
+        async def wait() -> None:
+            while not condition():
+                self._arrived.clear()
+                await self._arrived.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def wait_ready(self, timeout: float = 10) -> dict:
+        await self._until(lambda: self.ready is not None or self.close_code is not None, timeout)
+        assert self.ready is not None, f"closed before ready: {self.close_code}"
+        return self.ready
+
+    @property
+    def posts(self) -> list[dict]:
+        return [m["post"] for m in self.messages if m["type"] == "post"]
+
+    async def wait_posts(self, count: int, timeout: float = 5) -> list[dict]:
+        await self._until(lambda: len(self.posts) >= count or self.close_code is not None, timeout)
+        assert len(self.posts) >= count, f"got {len(self.posts)} posts, wanted {count}"
+        return self.posts
+
+    async def wait_message(self, kind: str, timeout: float = 5) -> dict:
+        await self._until(lambda: any(m["type"] == kind for m in self.messages), timeout)
+        return next(m for m in self.messages if m["type"] == kind)
+
+    async def wait_closed(self, timeout: float = 5) -> int | None:
+        await self._until(lambda: self.close_code is not None, timeout)
+        return self.close_code
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def queue_exists(amqp_url: str, name: str) -> bool:
+    """Ask the broker over a separate connection (blocking: run it in an executor)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        connection.channel().queue_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 405:  # RESOURCE_LOCKED: exists, exclusive to the service
+            return True
+        if exc.reply_code == 404:
+            return False
+        raise
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+async def wait_queue_gone(amqp_url: str, name: str, timeout: float = 5) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await loop.run_in_executor(None, queue_exists, amqp_url, name):
+        assert loop.time() < deadline, f"queue {name} still exists after {timeout} s"
+        await asyncio.sleep(0.05)

@@ -1,0 +1,125 @@
+"""Bad input gets a clear 4xx with {"error": ...} and changes nothing."""
+
+import json
+
+import pytest
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import websocket_connect
+
+from feed_app import auth
+from tests.support import PASSWORD
+
+BAD_IDS = ["abc", "0", "-1", "1.5", str(2**63), "%E2%91%A0"]  # the last is a Unicode digit
+
+
+async def check_refused(api, cases, db_counts):
+    before = db_counts()
+    for method, path, kwargs, status in cases:
+        code, body = await api.call(method, path, **kwargs)
+        assert code == status, (method, path, kwargs, code, body)
+        assert isinstance(body, dict) and set(body) == {"error"} and body["error"], body
+    assert db_counts() == before
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_bad_register_and_login(api, db_counts):
+    user = await api.new_user()
+    cases = [
+        ("POST", "/user/register", {"raw": b"{not json"}, 400),
+        ("POST", "/user/register", {"raw": b"\xff\xfe"}, 400),
+        ("POST", "/user/register", {"body": ["name", "password"]}, 400),
+        ("POST", "/user/register", {"body": {"password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"body": {"name": 5, "password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"body": {"name": "  ", "password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"body": {"name": "n" * 65, "password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"body": {"name": "ann", "password": "short"}}, 400),
+        ("POST", "/user/register", {"body": {"name": "ann", "password": None}}, 400),
+        ("POST", "/login", {"body": {"id": str(user.id), "password": PASSWORD}}, 400),
+        ("POST", "/login", {"body": {"id": True, "password": PASSWORD}}, 400),
+        ("POST", "/login", {"body": {"id": 0, "password": PASSWORD}}, 400),
+        ("POST", "/login", {"body": {"id": -user.id, "password": PASSWORD}}, 400),
+        ("POST", "/login", {"body": {"id": 2**70, "password": PASSWORD}}, 400),
+        ("POST", "/login", {"body": {"id": user.id}}, 400),
+        ("POST", "/login", {"body": {"id": user.id, "password": "wrong password"}}, 401),
+    ]
+    await check_refused(api, cases, db_counts)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_bad_ids_tokens_and_posts(api, settings, db_counts):
+    user, other = await api.new_user(), await api.new_user()
+    expired = auth.issue_token(user.id, settings.jwt_secret, ttl=-10)
+    forged = auth.issue_token(user.id, "another secret", ttl=60)
+    text = {"body": {"text": "hello"}}
+    cases = [
+        *(("GET", f"/user/get/{bad}", {}, 400) for bad in BAD_IDS),
+        *(("GET", f"/post/get/{bad}", {}, 400) for bad in BAD_IDS),
+        *(("PUT", f"/friend/set/{bad}", {"token": user.token}, 400) for bad in BAD_IDS),
+        ("GET", "/user/get/999999999", {}, 404),
+        ("GET", "/post/get/999999999", {}, 404),
+        ("PUT", "/friend/set/999999999", {"token": user.token}, 404),
+        ("PUT", "/friend/delete/999999999", {"token": user.token}, 404),
+        ("PUT", f"/friend/set/{user.id}", {"token": user.token}, 400),
+        ("PUT", f"/friend/set/{other.id}", {}, 401),
+        ("PUT", f"/friend/set/{other.id}", {"token": expired}, 401),
+        ("PUT", f"/friend/set/{other.id}", {"token": forged}, 401),
+        ("PUT", f"/friend/set/{other.id}", {"token": "not.a.token"}, 401),
+        ("POST", "/post/create", text, 401),
+        ("POST", "/post/create", {**text, "token": expired}, 401),
+        ("POST", "/post/create", {"raw": b"[1", "token": user.token}, 400),
+        ("POST", "/post/create", {"body": {}, "token": user.token}, 400),
+        ("POST", "/post/create", {"body": {"text": 42}, "token": user.token}, 400),
+        ("POST", "/post/create", {"body": {"text": ""}, "token": user.token}, 400),
+        ("POST", "/post/create", {"body": {"text": " \n\t"}, "token": user.token}, 400),
+        ("POST", "/post/create", {"body": {"text": "x" * 1001}, "token": user.token}, 400),
+        ("GET", "/post/feed", {}, 401),
+        ("GET", "/post/feed?limit=0", {"token": user.token}, 400),
+        ("GET", "/post/feed?limit=101", {"token": user.token}, 400),
+        ("GET", "/post/feed?offset=-1", {"token": user.token}, 400),
+        ("GET", "/post/feed?limit=ten", {"token": user.token}, 400),
+        ("GET", "/no/such/endpoint", {}, 404),
+    ]
+    await check_refused(api, cases, db_counts)
+    code, post = await api.call("POST", "/post/create", {"text": "x" * 1000}, token=user.token)
+    assert code == 201 and len(post["text"]) == 1000  # the limit itself is allowed
+
+
+async def ws_refusal(api, path: str) -> tuple[int, dict]:
+    with pytest.raises(HTTPClientError) as refused:
+        await websocket_connect(api.ws_url + path)
+    return refused.value.code, json.loads(refused.value.response.body)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_feed_socket_is_refused_before_the_upgrade(api, settings, service):
+    user, other = await api.new_user(), await api.new_user()
+    expired = auth.issue_token(user.id, settings.jwt_secret, ttl=-10)
+    ghost = auth.issue_token(10**12, settings.jwt_secret, ttl=60)
+    cases = {
+        f"/post/feed/{user.id}": (401, "missing token query parameter"),
+        f"/post/feed/{user.id}?token=garbage": (401, "invalid token"),
+        f"/post/feed/{user.id}?token={expired}": (401, "token expired"),
+        f"/post/feed/{user.id}?token={other.token}": (403, "token belongs to another user"),
+        f"/post/feed/{10**12}?token={ghost}": (404, f"user {10**12} not found"),
+        f"/post/feed/abc?token={user.token}": (
+            400,
+            "user id must be a positive integer below 2^63",
+        ),
+        f"/post/feed/{user.id}?token={user.token}&since=x": (400, None),
+    }
+    for path, (status, message) in cases.items():
+        code, body = await ws_refusal(api, path)
+        assert code == status, path
+        assert body["error"] == message if message else body["error"], path
+    assert not service.sessions
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_client_messages_and_oversized_frames_close_the_feed(api):
+    user = await api.new_user()
+    feed = await api.open_feed(user)
+    feed.ws.write_message("x" * 10_000)
+    assert await feed.wait_closed() == 1009  # larger than websocket_max_message_size
+    feed = await api.open_feed(user)
+    feed.ws.write_message('{"type": "post"}')
+    assert await feed.wait_closed() == 1003

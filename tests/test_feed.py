@@ -1,0 +1,112 @@
+"""The feed websocket end to end: real PostgreSQL, real RabbitMQ, real sockets."""
+
+import asyncio
+
+import pytest
+
+from tests.conftest import AMQP_URL
+from tests.support import wait_queue_gone
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_every_session_of_a_follower_gets_the_post_and_nobody_else(api, service):
+    author, follower, stranger = await api.new_user(), await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    tab1, tab2 = await api.open_feed(follower), await api.open_feed(follower)
+    outsider = await api.open_feed(stranger)
+    assert tab1.ready == tab2.ready == {"type": "ready", "following": 1}
+
+    post = await api.post(author, "<script>alert(1)</script> & more")
+    assert (await tab1.wait_posts(1)) == [post]
+    assert (await tab2.wait_posts(1)) == [post]
+    marker = await api.post(stranger)  # the stranger follows nobody: not even their own posts
+    await asyncio.sleep(0.2)
+    assert outsider.posts == [] and tab1.posts == [post] and marker["id"] > post["id"]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_new_session_gets_recent_history_before_ready(api, settings):
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    posts = [await api.post(author, f"p{i}") for i in range(settings.history_size + 3)]
+    feed = await api.open_feed(follower)
+    assert feed.history == posts[-settings.history_size :]  # newest N, oldest first
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_since_sends_exactly_the_missed_posts(api):
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    seen = await api.post(author, "seen")
+    missed = [await api.post(author, f"missed {i}") for i in range(3)]
+    feed = await api.open_feed(follower, since=seen["id"])
+    assert feed.history == missed
+    live = await api.post(author, "live")
+    assert await feed.wait_posts(1) == [live]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_unfollowed_author_is_not_delivered_to_new_sessions(api):
+    kept, dropped, follower = await api.new_user(), await api.new_user(), await api.new_user()
+    await api.follow(follower, kept)
+    await api.follow(follower, dropped)
+    await api.unfollow(follower, dropped)
+    feed = await api.open_feed(follower)
+    assert feed.ready["following"] == 1
+    await api.post(dropped, "should not arrive")
+    expected = await api.post(kept, "should arrive")
+    assert await feed.wait_posts(1) == [expected]
+    await asyncio.sleep(0.1)
+    assert feed.posts == [expected]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_follow_while_connected_changes_the_open_session(api):
+    author, follower = await api.new_user(), await api.new_user()
+    earlier = await api.post(author, "before the follow")
+    feed = await api.open_feed(follower)
+    assert feed.ready["following"] == 0
+    await api.follow(follower, author)
+    assert (await feed.wait_message("following"))["following"] == 1
+    assert (await feed.wait_posts(1))[0] == earlier  # the new author's recent posts
+    later = await api.post(author, "after the follow")
+    assert await feed.wait_posts(2) == [earlier, later]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_user_following_nobody_keeps_an_idle_working_socket(api, service):
+    loner = await api.new_user()
+    feed = await api.open_feed(loner)
+    assert feed.ready == {"type": "ready", "following": 0}
+    await asyncio.sleep(0.3)
+    assert feed.close_code is None and len(service.sessions) == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_session_queue_is_gone_however_the_socket_ends(api, service):
+    user = await api.new_user()
+    for end in ("client close", "connection drop", "client message"):
+        feed = await api.open_feed(user)
+        [session] = service.sessions
+        if end == "client close":
+            feed.close()
+        elif end == "connection drop":
+            feed.ws.stream.close()  # no close frame: the TCP connection just goes away
+        else:
+            feed.ws.write_message("hello?")
+            assert await feed.wait_closed() == 1003
+        await wait_queue_gone(AMQP_URL, session.queue)
+        for _ in range(100):
+            if not service.sessions:
+                break
+            await asyncio.sleep(0.02)
+        assert not service.sessions, end
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_two_sessions_share_channels_not_one_each(api, service):
+    """One AMQP connection per process and a fixed handful of channels, whatever the load."""
+    users = [await api.new_user() for _ in range(3)]
+    feeds = [await api.open_feed(user) for user in users for _ in range(4)]
+    channels = {session.channel.pika.channel_number for session in service.sessions}
+    assert len(feeds) == 12 and len(channels) <= 4
