@@ -67,12 +67,18 @@ def parse_settings(
     )
     for field, var, text in _OPTIONS:
         default = getattr(defaults, field)
-        shown = "(set)" if field == "jwt_secret" else default
+        kind = type(default)
+        if var in env:
+            try:
+                default = kind(env[var])
+            except ValueError:
+                parser.error(f"{var}={env[var]!r} is not a valid {kind.__name__}")
+        shown = "(set)" if field == "jwt_secret" else str(default).replace("%", "%%")
         parser.add_argument(
             "--" + field.replace("_", "-"),
-            type=type(default),
-            default=type(default)(env.get(var, default)),
-            help=f"{text} [{var}, default {shown}]",
+            type=kind,
+            default=default,
+            help=f"{text} [{var}, now {shown}]",
         )
     parser.add_argument("--demo", action="store_true", help="seed demo users and follows")
     return Settings(**vars(parser.parse_args(argv)))
