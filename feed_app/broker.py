@@ -224,8 +224,10 @@ class Broker:
                 await channel.call(channel.pika.basic_qos, prefetch_count=self._prefetch)
                 self._session_channels.append(channel)
             await self._declare_overflow_queue(self._session_channels[0])
-        except BrokerUnavailable:
+        except (BrokerUnavailable, asyncio.TimeoutError):
             return  # the connection died while opening; _on_connection_closed reconnects
+        if connection is not self._connection or not connection.is_open:
+            return
         if self._attempt:
             self._on_reconnect()
         self._attempt = 0

@@ -1,0 +1,70 @@
+"""Delay from POST /post/create to the post arriving in two open feed sessions of a follower.
+
+    python run.py &                      # or scripts/run-demo
+    python bench/delivery_delay.py --url http://127.0.0.1:8888 --posts 100
+
+Posts go one at a time (each waits until both sessions have it), so the figure is the delay of
+one post through an idle service: HTTP, commit, outbox publish, broker, session, websocket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import statistics
+import time
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+
+async def call(
+    base: str, method: str, path: str, body: dict | None = None, token: str = ""
+) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = HTTPRequest(base + path, method, headers=headers, body=json.dumps(body or {}))
+    return json.loads((await AsyncHTTPClient().fetch(request)).body)
+
+
+async def new_user(base: str) -> tuple[int, str]:
+    password = secrets.token_hex(8)
+    user_id = (await call(base, "POST", "/user/register", {"name": "bench", "password": password}))[
+        "user_id"
+    ]
+    token = (await call(base, "POST", "/login", {"id": user_id, "password": password}))["token"]
+    return user_id, token
+
+
+async def main(base: str, count: int) -> None:
+    (author, author_token), (follower, follower_token) = await new_user(base), await new_user(base)
+    await call(base, "PUT", f"/friend/set/{author}", token=follower_token)
+    ws_url = base.replace("http", "ws", 1) + f"/post/feed/{follower}?token={follower_token}"
+    sessions = [await websocket_connect(ws_url) for _ in range(2)]
+    for ws in sessions:
+        while json.loads(await ws.read_message())["type"] != "ready":
+            pass
+    delays: list[float] = []
+    for i in range(count):
+        started = time.perf_counter()
+        post = await call(base, "POST", "/post/create", {"text": f"delay {i}"}, author_token)
+        for ws in sessions:
+            message = json.loads(await asyncio.wait_for(ws.read_message(), 5))
+            assert message["post"]["id"] == post["id"], message
+            delays.append(time.perf_counter() - started)
+    ms = sorted(d * 1000 for d in delays)
+    print(
+        f"{count} posts x 2 sessions: median {statistics.median(ms):.2f} ms, "
+        f"p90 {ms[int(len(ms) * 0.9)]:.2f} ms, worst {ms[-1]:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8888")
+    parser.add_argument("--posts", type=int, default=100)
+    args = parser.parse_args()
+    asyncio.run(main(args.url, args.posts))
