@@ -16,6 +16,7 @@ every listener heals the one way it already knows (declare, bind, read back from
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import logging
@@ -61,12 +62,53 @@ def control_key(user_id: int) -> str:
 
 
 class Channel:
-    """A pika channel whose synchronous methods are awaitable and fail when the channel dies."""
+    """A pika channel whose synchronous methods are awaitable and fail when the channel dies, and
+    whose acknowledgements are coalesced.
+
+    Why coalesce: one post fans out to every session on a channel within one event-loop turn, and
+    an ack frame each (encoded by pika, one send() each) cost as much as the deliveries. So acks
+    wait for the end of the turn; the longest run of settled tags from the oldest unacknowledged
+    one goes as a single `multiple` ack, and only tags behind a slow session's pending write are
+    acknowledged one by one (so a slow client never holds back the others' prefetch).
+    """
 
     def __init__(self, channel: pika.channel.Channel) -> None:
         self.pika = channel
         self._pending: set[asyncio.Future] = set()
+        self._unacked: collections.deque[int] = collections.deque()  # delivery order
+        self._settled: set[int] = set()  # ready to ack
+        self._acked_alone: set[int] = set()  # acked individually, still in _unacked
+        self._flush_scheduled = False
         channel.add_on_close_callback(self._on_closed)
+
+    def delivered(self, delivery_tag: int) -> None:
+        self._unacked.append(delivery_tag)
+
+    def ack(self, delivery_tag: int) -> None:
+        self._settled.add(delivery_tag)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._flush_scheduled = False
+        if not self.pika.is_open:
+            return
+        unacked, settled, acked_alone = self._unacked, self._settled, self._acked_alone
+        last = None
+        while unacked and (unacked[0] in settled or unacked[0] in acked_alone):
+            tag = unacked.popleft()
+            if tag in settled:
+                settled.discard(tag)
+                last = tag
+            else:
+                acked_alone.discard(tag)
+        if last is not None:
+            self.pika.basic_ack(last, multiple=True)
+        for tag in settled:
+            self.pika.basic_ack(tag)
+        acked_alone |= settled
+        settled.clear()
 
     @property
     def is_open(self) -> bool:

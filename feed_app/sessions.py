@@ -42,6 +42,7 @@ CLOSE_TOO_SLOW = 4008  # the client fell too far behind; reconnect with since=
 
 class FeedSocket(Protocol):
     def write_message(self, message: str) -> Any: ...
+    def write_text_frame(self, data: bytes) -> asyncio.Future: ...
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
 
@@ -250,16 +251,19 @@ class FeedSession:
 
     def _on_message(self, pika_channel: Any, method: Any, properties: Any, body: bytes) -> None:
         channel = self.channel
-        if channel is None or channel.pika is not pika_channel or self.closed:
-            return  # a delivery from before a reconnect; its queue is gone
-        if self._held is not None:
+        if channel is None or channel.pika is not pika_channel:
+            return  # a delivery from before a reconnect; its queue and channel are gone
+        channel.delivered(method.delivery_tag)
+        if self.closed:
+            channel.ack(method.delivery_tag)
+        elif self._held is not None:
             self._held.append((channel, method, properties, body))
         else:
             self._handle(channel, method, properties, body)
 
     def _handle(self, channel: Channel, method: Any, properties: Any, body: bytes) -> None:
         if properties.type in ("follow", "unfollow"):
-            channel.pika.basic_ack(method.delivery_tag)
+            channel.ack(method.delivery_tag)
             task = asyncio.ensure_future(
                 self._change_follow(int(body), properties.type == "follow")
             )
@@ -268,12 +272,21 @@ class FeedSession:
             return
         post_id = int(properties.message_id)
         if int(method.routing_key) not in self.following or not self.seen.add(post_id):
-            channel.pika.basic_ack(method.delivery_tag)
+            channel.ack(method.delivery_tag)
             return
         # The body is already the websocket frame. The ack waits for the write to leave the
         # process, so with the prefetch limit a slow client holds back its own queue only.
-        written = self.socket.write_message(body.decode())
-        written.add_done_callback(lambda future: self._ack(channel, method.delivery_tag, future))
+        try:
+            written = self.socket.write_text_frame(body)
+        except WebSocketClosedError:
+            channel.ack(method.delivery_tag)  # the session ends; its queue goes with it
+            return
+        if written.done():
+            self._ack(channel, method.delivery_tag, written)
+        else:
+            written.add_done_callback(
+                lambda future: self._ack(channel, method.delivery_tag, future)
+            )
         self.metrics.deliveries += 1
         created_ms = (properties.headers or {}).get("created_ms")
         if created_ms:
@@ -281,10 +294,9 @@ class FeedSession:
 
     @staticmethod
     def _ack(channel: Channel, delivery_tag: int, written: asyncio.Future) -> None:
-        # A failed write means the socket closed: its session deletes the queue, nothing to ack.
-        failed = written.cancelled() or written.exception() is not None
-        if not failed and channel.is_open:
-            channel.pika.basic_ack(delivery_tag)
+        if not written.cancelled():
+            written.exception()  # a failed write means the socket closed; nothing to report
+        channel.ack(delivery_tag)
 
     async def _change_follow(self, author_id: int, follow: bool) -> None:
         try:
