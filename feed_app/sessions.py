@@ -104,8 +104,8 @@ class FeedSession:
         self.queue = f"{user_id}.{secrets.token_hex(8)}"
         self.following: set[int] = set()
         self.seen = SeenPosts()
-        self.channel: Channel | None = None
-        self.consumer_tag: str | None = None
+        self.channel: Channel | None = None  # consumes the queue
+        self.setup: Channel | None = None  # declares, binds, deletes it
         self.ready = False
         self.closed = False
         self._history_pending = True  # the first sync sends history (or the resume read)
@@ -133,12 +133,12 @@ class FeedSession:
         self.broker.watch_overflow(self.queue, None)
         if self._sync_task:
             self._sync_task.cancel()
-        channel, self.channel = self.channel, None
-        if channel and channel.is_open:
-            if self.consumer_tag:
-                channel.pika.basic_cancel(self.consumer_tag)
-            # Exclusive auto-delete queues also vanish with the connection; this frees it now.
-            channel.pika.queue_delete(self.queue)
+        setup, self.channel, self.setup = self.setup, None, None
+        if setup and setup.is_open:
+            # Deleting the queue also cancels its consumer, and doing it on the setup channel keeps
+            # the slow part (dropping every binding) off the channel that carries others' acks.
+            # Were the connection gone, the exclusive queue would have gone with it.
+            setup.pika.queue_delete(self.queue)
         if code is not None:
             self.socket.close(code, reason)
         self.on_closed(self)
@@ -148,8 +148,7 @@ class FeedSession:
 
     def on_broker_lost(self) -> None:
         # The queue died with the connection; live posts wait until the next sync has caught up.
-        self.channel = None
-        self.consumer_tag = None
+        self.channel = self.setup = None
         self._held = []
 
     def on_overflow(self) -> None:
@@ -194,12 +193,12 @@ class FeedSession:
             self.close(CLOSE_SERVER_ERROR, "database unavailable; reconnect with since=")
 
     async def _bind_queue(self) -> None:
-        channel = self.broker.session_channel()
+        channel, setup = self.broker.session_channels()
         self._held = []
-        self.channel = channel
+        self.channel, self.setup = channel, setup
         arguments = self.broker.session_queue_arguments(self.settings.session_queue_max)
-        await channel.call(
-            channel.pika.queue_declare,
+        await setup.call(
+            setup.pika.queue_declare,
             self.queue,
             exclusive=True,
             auto_delete=True,
@@ -207,15 +206,15 @@ class FeedSession:
         )
         self.broker.watch_overflow(self.queue, self.on_overflow)
         # The control key first: a follow made while we read the follows list still reaches us.
-        channel.pika.queue_bind(self.queue, POSTS_EXCHANGE, control_key(self.user_id))
+        setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, control_key(self.user_id))
         self.following = set(await self.db.following(self.user_id))
         # Without a callback, queue_bind is sent without waiting: all binds go out in one burst.
-        # basic_consume waits for its reply, and the broker answers a channel's commands in order,
-        # so when it returns every binding is in place.
+        # The passive declare waits for its reply, and the broker answers a channel's commands in
+        # order, so when it returns every binding is in place.
         for author_id in self.following:
-            channel.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
-        consume_ok = await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
-        self.consumer_tag = consume_ok.method.consumer_tag
+            setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
+        await setup.call(setup.pika.queue_declare, self.queue, passive=True)
+        await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         if channel is not self.channel or not channel.is_open:
             raise BrokerUnavailable("connection lost while binding")
 
@@ -301,13 +300,13 @@ class FeedSession:
     async def _change_follow(self, author_id: int, follow: bool) -> None:
         try:
             async with self._lock:
-                channel = self.channel
-                if self.closed or channel is None or follow == (author_id in self.following):
+                setup = self.setup
+                if self.closed or setup is None or follow == (author_id in self.following):
                     return
                 if follow:
-                    channel.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
+                    setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
                     # A synchronous method as a barrier: the binding is in place after it.
-                    await channel.call(channel.pika.queue_declare, self.queue, passive=True)
+                    await setup.call(setup.pika.queue_declare, self.queue, passive=True)
                     self.following.add(author_id)
                     posts, _ = await self.db.posts_after(
                         [author_id], 0, self.settings.history_size, newest=True
@@ -315,8 +314,8 @@ class FeedSession:
                     await self._send_posts(posts, even_below_floor=True)
                 else:
                     self.following.discard(author_id)  # drops posts already in the queue
-                    await channel.call(
-                        channel.pika.queue_unbind, self.queue, POSTS_EXCHANGE, str(author_id)
+                    await setup.call(
+                        setup.pika.queue_unbind, self.queue, POSTS_EXCHANGE, str(author_id)
                     )
                 await self._send({"type": "following", "following": len(self.following)})
         except (BrokerUnavailable, WebSocketClosedError):
