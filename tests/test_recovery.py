@@ -1,0 +1,495 @@
+"""Never lose a post: the service recovers from broker, database and process faults.
+
+Faults are simulated with TCP proxies owned by the test (the in-process service reaches RabbitMQ
+and PostgreSQL only through them) and with service subprocesses that are SIGTERMed or SIGKILLed.
+The real servers are never touched. Every delivery check is exact: each expected post id arrives
+once, none is missing, none is extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import statistics
+from collections.abc import Callable, Iterator
+
+import pytest
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import websocket_connect
+
+from feed_app.config import Settings
+from feed_app.sessions import CLOSE_GOING_AWAY, CLOSE_TOO_SLOW
+from tests.conftest import AMQP_URL, with_settings
+from tests.faults import (
+    ServiceProcess,
+    TcpProxy,
+    assert_exactly_once,
+    endpoint_of,
+    free_port,
+    ids_of,
+    open_unread_socket,
+    outbox_ids,
+    read_until_close,
+    until,
+    wait_for,
+    with_endpoint,
+)
+from tests.support import Api, Feed, User, wait_queue_gone
+
+# --- fixtures: the in-process service reaches both servers through proxies ------------------------
+
+
+@pytest.fixture
+def amqp_proxy(io_loop) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(*endpoint_of(AMQP_URL, 5672))
+    io_loop.run_sync(proxy.start)
+    yield proxy
+    io_loop.run_sync(proxy.close)
+
+
+@pytest.fixture
+def pg_proxy(io_loop, db_dsn) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(*endpoint_of(db_dsn, 5432))
+    io_loop.run_sync(proxy.start)
+    yield proxy
+    io_loop.run_sync(proxy.close)
+
+
+@pytest.fixture
+def settings_changes() -> dict:
+    """Per-test Settings changes; a test overrides it with
+    @pytest.mark.parametrize("settings_changes", [{...}])."""
+    return {}
+
+
+@pytest.fixture
+def settings(settings, amqp_proxy, pg_proxy, settings_changes) -> Settings:
+    return with_settings(
+        settings,
+        amqp_url=amqp_proxy.url_for(settings.amqp_url),
+        db_dsn=pg_proxy.url_for(settings.db_dsn),
+        **settings_changes,
+    )
+
+
+@pytest.fixture
+def processes(tmp_path, db_dsn, settings) -> Iterator[Callable[..., ServiceProcess]]:
+    """A factory of service subprocesses on the test database and the real broker (each
+    overridable); whatever is still running at the end is killed."""
+    started: list[ServiceProcess] = []
+
+    def make(port: int | None = None, args: tuple[str, ...] = (), **env: str) -> ServiceProcess:
+        environment = {
+            "FEED_DB_DSN": db_dsn,
+            "FEED_AMQP_URL": AMQP_URL,
+            "FEED_JWT_SECRET": settings.jwt_secret,  # tokens from the in-process service work
+            **env,
+        }
+        log_path = tmp_path / f"service-{len(started)}.log"
+        process = ServiceProcess(port or free_port(), environment, log_path, args)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.kill()
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+async def settle(api: Api, author: User, feeds: list[Feed], timeout: float = 10) -> int:
+    """Post a marker and wait until every feed has it: whatever was going to arrive before it has
+    had every chance to (a late duplicate would show up by then). Returns the marker's id."""
+    marker = (await api.post(author, "marker"))["id"]
+    for n, feed in enumerate(feeds):
+        await until(feed, lambda f=feed: marker in ids_of(f.posts), timeout, f"marker on feed {n}")
+    return marker
+
+
+async def readyz(api: Api) -> tuple[int, dict]:
+    return await api.call("GET", "/readyz")
+
+
+async def wait_for_outbox_without(dsn: str, post_ids: set[int], timeout: float = 5) -> None:
+    """The outbox rows of these posts get deleted (their publication was confirmed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while left := post_ids & await outbox_ids(dsn):
+        assert loop.time() < deadline, f"still in the outbox after {timeout} s: {left}"
+        await asyncio.sleep(0.05)
+
+
+# --- 1. the broker connection drops while sessions are open ---------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_broker_outage_loses_no_post_and_keeps_sockets_open(api, service, amqp_proxy, db_dsn):
+    """Proves: while RabbitMQ is unreachable, posting still succeeds (the post waits in the
+    outbox) and /readyz says 503; open feed sockets stay open; once the broker is back, /readyz is
+    200 and each session has received every post (before, during, after) exactly once."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    feeds = [await api.open_feed(reader), await api.open_feed(reader)]
+
+    before = (await api.post(author, "before"))["id"]
+    for feed in feeds:
+        await until(feed, lambda f=feed: before in ids_of(f.posts), 5, "post before the outage")
+
+    amqp_proxy.disable()
+    await wait_for(lambda: not service.broker.is_open, 5, "the service notices the outage")
+    code, body = await readyz(api)
+    assert code == 503 and "broker" in body["error"], body
+    during = [(await api.post(author, f"during {n}"))["id"] for n in range(3)]  # 201 each
+    waiting = await outbox_ids(db_dsn)
+    assert set(during) <= waiting, f"posts made during the outage not in the outbox: {waiting}"
+
+    amqp_proxy.enable()
+    await wait_for(lambda: service.broker.is_open, 10, "the service reconnects")
+    assert await readyz(api) == (200, {"status": "ready"})
+    assert service.metrics.broker_reconnects >= 1
+    after = (await api.post(author, "after"))["id"]
+    marker = await settle(api, author, feeds)
+
+    for n, feed in enumerate(feeds):
+        assert feed.close_code is None, f"feed {n} was closed by the outage"
+        assert_exactly_once(ids_of(feed.posts), [before, *during, after, marker], f"feed {n}")
+    assert len(service.sessions) == 2
+
+
+# --- 2. ten forced disconnects under steady posting -----------------------------------------------
+
+# Seconds the broker stays unreachable at each of the ten disconnects (0: the connections are cut
+# and the reconnect is let through at once).
+OUTAGES = [0.0, 0.05, 0.1, 0.2, 0.0, 0.15, 0.05, 0.3, 0.1, 0.0]
+RECOVERY_BOUND = 6.0  # seconds; the reconnect backoff is capped at 5 s
+
+
+@pytest.mark.gen_test(timeout=45)
+async def test_ten_disconnects_under_steady_posting(api, service, amqp_proxy):
+    """Proves: with a post every 20-50 ms and the broker connection cut ten times, two sessions
+    each receive every post exactly once. Measures, for each disconnect, the time from the broker
+    being reachable again until both sessions have received a post created after that moment
+    (so not one already on its way before the cut); asserts it stays under RECOVERY_BOUND."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    feeds = [await api.open_feed(reader), await api.open_feed(reader)]
+    loop = asyncio.get_running_loop()
+    created: list[tuple[float, int]] = []  # (when the POST was sent, post id)
+    stop_posting = asyncio.Event()
+
+    async def post_steadily() -> None:
+        n = 0
+        while not stop_posting.is_set():
+            sent = loop.time()
+            created.append((sent, (await api.post(author, f"steady {n}"))["id"]))
+            n += 1
+            await asyncio.sleep(0.02 + 0.01 * (n % 4))  # 20, 30, 40, 50 ms, repeating
+
+    async def received_post_sent_after(moment: float, timeout: float, what: str) -> None:
+        for n, feed in enumerate(feeds):
+
+            def has_one(f: Feed = feed) -> bool:
+                later = {post_id for sent, post_id in created if sent >= moment}
+                return not later.isdisjoint(ids_of(f.posts))
+
+            await until(feed, has_one, timeout, f"feed {n}: {what}")
+
+    poster = asyncio.ensure_future(post_steadily())
+    recoveries: list[float] = []
+    try:
+        await received_post_sent_after(loop.time(), 5, "live delivery before the faults")
+        for outage in OUTAGES:
+            assert amqp_proxy.drop() >= 1, "the service had no broker connection to cut"
+            if outage:
+                amqp_proxy.disable()
+                await asyncio.sleep(outage)  # the fault's duration, not a wait for a condition
+                amqp_proxy.enable()
+            back = loop.time()
+            await received_post_sent_after(
+                back, RECOVERY_BOUND, f"delivery after {outage=} (earlier: {recoveries})"
+            )
+            recoveries.append(loop.time() - back)
+    finally:
+        stop_posting.set()
+        await poster
+    marker = await settle(api, author, feeds)
+
+    figures = (
+        f"broker back -> both sessions receive a new post, over {len(recoveries)} disconnects: "
+        f"min {min(recoveries):.3f} s, median {statistics.median(recoveries):.3f} s, "
+        f"max {max(recoveries):.3f} s ({len(created)} posts, "
+        f"{service.metrics.broker_reconnects} reconnects)"
+    )
+    print("\n" + figures)
+    assert service.metrics.broker_reconnects >= len(OUTAGES), figures
+    for n, feed in enumerate(feeds):
+        assert feed.close_code is None, f"feed {n} closed: {figures}"
+        assert_exactly_once(
+            ids_of(feed.posts), [*(i for _, i in created), marker], f"feed {n}; {figures}"
+        )
+
+
+# --- 3. SIGKILL after the commit, before the publish ----------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_post_of_a_killed_process_is_delivered_from_the_outbox(
+    api, service, processes, db_dsn
+):
+    """Proves: a post committed by a process that dies before publishing it (its broker is
+    unreachable, then it is SIGKILLed) is still delivered, exactly once, to a follower's open
+    session on another process, which takes the outbox row over once the dead one's lease ends."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    feed = await api.open_feed(reader)
+    doomed = processes(
+        FEED_AMQP_URL=with_endpoint(AMQP_URL, "127.0.0.1", free_port()),  # nothing listens there
+        FEED_OUTBOX_LEASE="1",
+    )
+    await doomed.start()
+    post = (await Api(doomed.base_url).post(author, "committed, never published"))["id"]
+    assert post in await outbox_ids(db_dsn)
+    doomed.signal(signal.SIGKILL)
+    assert await doomed.wait_exit(5) == -signal.SIGKILL
+
+    loop = asyncio.get_running_loop()
+    killed = loop.time()
+    await until(feed, lambda: post in ids_of(feed.posts), 10, "the orphaned post is delivered")
+    print(f"\norphaned post delivered {loop.time() - killed:.2f} s after the SIGKILL (lease 1 s)")
+    marker = await settle(api, author, [feed])
+    assert_exactly_once(ids_of(feed.posts), [post, marker], "feed")
+    await wait_for_outbox_without(db_dsn, {post, marker})
+
+
+# --- 4. resuming with since= across a server restart ----------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_resume_with_since_across_a_restart(api, service, processes):
+    """Proves: without since=, a feed starts with the newest history_size posts in ascending id
+    order; when its server stops, the socket is closed with 1001; after a restart on the same port,
+    since=<last post seen> brings exactly the posts made meanwhile (all of them, although more
+    than history_size, in order, before `ready`), and then live posts."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    older = [(await api.post(author, f"older {n}"))["id"] for n in range(4)]
+    first = processes(FEED_HISTORY_SIZE="3")
+    await first.start(ready="/readyz")
+
+    feed = await Api(first.base_url).open_feed(reader)
+    assert ids_of(feed.history) == older[-3:], "history: the newest 3, oldest first"
+    seen = (await api.post(author, "X"))["id"]
+    await until(feed, lambda: seen in ids_of(feed.posts), 5, "live post X on the first server")
+
+    first.signal(signal.SIGTERM)
+    assert await feed.wait_closed(10) == CLOSE_GOING_AWAY
+    assert await first.wait_exit(10) == 0
+    missed = [(await api.post(author, f"while down {n}"))["id"] for n in range(4)]
+
+    second = processes(port=first.port, FEED_HISTORY_SIZE="3")
+    await second.start(ready="/readyz")
+    resumed = await Api(second.base_url).open_feed(reader, since=seen)
+    assert ids_of(resumed.history) == missed
+    live = (await api.post(author, "live after the restart"))["id"]
+    marker = await settle(api, author, [resumed])
+    assert ids_of(resumed.posts) == [live, marker]
+    assert ids_of(feed.posts) == [seen]
+
+
+# --- 5. follow and unfollow while connected, from another process ---------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_follow_and_unfollow_from_another_process_reach_the_open_session(
+    api, service, processes
+):
+    """Proves: PUT /friend/set handled by another process reaches a session open here: it gets a
+    `following` message and the author's recent posts, then the author's new posts live; after
+    PUT /friend/delete on the other process no post of that author is delivered, while a post of
+    another followed author still is."""
+    author, other_author, reader = await api.new_user(), await api.new_user(), await api.new_user()
+    await api.follow(reader, other_author)
+    recent = [(await api.post(author, f"recent {n}"))["id"] for n in range(2)]
+    feed = await api.open_feed(reader)
+    assert feed.ready == {"type": "ready", "following": 1} and feed.history == []
+    elsewhere = processes()
+    await elsewhere.start(ready="/readyz")
+    remote = Api(elsewhere.base_url)
+
+    def following() -> list[int]:
+        return [m["following"] for m in feed.messages if m["type"] == "following"]
+
+    await remote.follow(reader, author)
+    await until(feed, lambda: following() == [2], 5, "a `following` message after the follow")
+    await until(feed, lambda: set(recent) <= set(ids_of(feed.posts)), 5, "the recent posts")
+    live = (await api.post(author, "live after the follow"))["id"]
+    await until(feed, lambda: live in ids_of(feed.posts), 5, "a live post of the new author")
+
+    await remote.unfollow(reader, author)
+    await until(feed, lambda: following() == [2, 1], 5, "a `following` message after unfollow")
+    unfollowed = (await api.post(author, "must not arrive"))["id"]
+    still = (await api.post(other_author, "still followed"))["id"]
+    marker = await settle(api, other_author, [feed])
+    assert unfollowed not in ids_of(feed.posts)
+    assert ids_of(feed.posts) == [*recent, live, still, marker]
+
+
+# --- 6. a client that stops reading ---------------------------------------------------------------
+
+SLOW = {"session_queue_max": 20, "prefetch": 5}
+FLOOD_POSTS, FLOOD_TEXT_LENGTH = 400, 1000
+SERVER_SNDBUF = 8192  # the kernel doubles it; see the test's docstring
+
+
+@pytest.mark.parametrize("settings_changes", [SLOW])
+@pytest.mark.gen_test(timeout=40)
+async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_port):
+    """Proves: a client that never reads does not make the service buffer without limit. While
+    posts of ~1 KB are flooded at it, the service's pending write buffer for that socket stays
+    within `prefetch` frames; its queue overflows and the service closes it with 4008 (the client
+    finds the close frame after the posts it had not read), forgets the session, deletes its queue
+    and counts it in slow_client_closes.
+
+    The client's receive buffer is 4 KB. On loopback Linux sizes the server's send buffer to ~4 MB
+    at once, which would take thousands of posts to fill; the test shrinks that one server socket's
+    send buffer (an OS setting, not the service's) so that ~400 posts are more than enough."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    closes_before = service.metrics.slow_client_closes
+    sock = await open_unread_socket(
+        "127.0.0.1", http_port, f"/post/feed/{reader.id}?token={reader.token}"
+    )
+    try:
+        await wait_for(lambda: any(s.ready for s in service.sessions), 5, "the session is ready")
+        [session] = service.sessions
+        stream = session.socket.ws_connection.stream
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
+        peak = 0
+
+        def pending() -> int:
+            return stream._total_write_index - stream._total_write_done_index
+
+        async def watch() -> None:
+            nonlocal peak
+            while not session.closed:
+                peak = max(peak, pending())
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(watch())
+        text = "x" * FLOOD_TEXT_LENGTH
+        sent = 0
+        # One post at a time: a burst could overflow a 20-post queue even with a reading client.
+        while sent < FLOOD_POSTS and not session.closed:
+            await api.post(author, text)
+            sent += 1
+        await wait_for(lambda: session.closed, 10, f"the slow session is closed ({sent} posts)")
+        await watcher
+
+        close_code, posts_read = await read_until_close(sock, timeout=4)
+        frame = len(json.dumps({"type": "post", "post": {"id": 0, "text": text}})) + 200
+        bound = SLOW["prefetch"] * frame
+        summary = (
+            f"closed with {close_code} after {sent} posts ({posts_read} reached the client); "
+            f"pending write buffer peaked at {peak} B (bound {bound} B)"
+        )
+        print("\nslow client: " + summary)
+        assert close_code == CLOSE_TOO_SLOW, summary
+        assert 0 < peak <= bound, summary  # > 0: the socket really was full
+        assert service.metrics.slow_client_closes == closes_before + 1, summary
+        assert session not in service.sessions
+        await wait_queue_gone(AMQP_URL, session.queue)
+    finally:
+        sock.close()
+
+
+# --- 7. PostgreSQL unreachable, then back ---------------------------------------------------------
+
+DB_ERROR_BOUND = 3.0  # seconds an answer may take while PostgreSQL refuses connections
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_database_outage_answers_503_quickly_and_recovers(api, service, pg_proxy):
+    """Proves: with PostgreSQL unreachable, writes and reads answer 503 with a JSON error within
+    DB_ERROR_BOUND (no hang), a new feed socket is refused with HTTP 503 before the upgrade and
+    /readyz is 503; when PostgreSQL is reachable again all of it works without a restart."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    loop = asyncio.get_running_loop()
+
+    pg_proxy.disable()
+    for method, path, body, token in [
+        ("POST", "/post/create", {"text": "lost?"}, author.token),
+        ("GET", f"/user/get/{author.id}", None, None),
+        ("GET", "/post/feed", None, reader.token),
+        ("GET", "/readyz", None, None),
+    ]:
+        start = loop.time()
+        code, answer = await api.call(method, path, body, token=token)
+        elapsed = loop.time() - start
+        assert code == 503 and isinstance(answer.get("error"), str), (path, code, answer)
+        assert elapsed < DB_ERROR_BOUND, f"{method} {path} took {elapsed:.2f} s"
+    assert "database" in (await readyz(api))[1]["error"]
+
+    start = loop.time()
+    with pytest.raises(HTTPClientError) as refused:
+        await websocket_connect(f"{api.ws_url}/post/feed/{reader.id}?token={reader.token}")
+    assert refused.value.code == 503, refused.value
+    assert "error" in json.loads(refused.value.response.body)
+    assert loop.time() - start < DB_ERROR_BOUND
+
+    pg_proxy.enable()
+    assert await readyz(api) == (200, {"status": "ready"})
+    assert await api.call("GET", f"/user/get/{author.id}") == (200, {"id": author.id, "name": "u"})
+    feed = await api.open_feed(reader)
+    post = (await api.post(author, "after the outage"))["id"]
+    await until(feed, lambda: post in ids_of(feed.posts), 5, "live post after the outage")
+    assert ids_of(feed.history) == [] and ids_of(feed.posts) == [post]
+
+
+# --- 8. graceful shutdown with open sessions ------------------------------------------------------
+
+SHUTDOWN_TIMEOUT = 10.0  # FEED_SHUTDOWN_TIMEOUT's default
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.gen_test(timeout=40)
+async def test_sigterm_closes_sockets_with_1001_and_loses_no_post(
+    api, service, processes, db_dsn, workers
+):
+    """Proves: on SIGTERM a service (one process, or a parent with two workers) closes all its
+    open feed sockets with 1001 and exits with status 0 within FEED_SHUTDOWN_TIMEOUT; a post
+    created through it just before the signal is not lost: a follower's session on another process
+    receives it exactly once (published before the exit, or taken over from the outbox when the
+    lease runs out), and no outbox row is left behind."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    stopping = processes(
+        args=("--workers", str(workers)),
+        FEED_OUTBOX_LEASE="1",
+        FEED_SHUTDOWN_TIMEOUT=str(SHUTDOWN_TIMEOUT),
+    )
+    await stopping.start(ready="/readyz")
+    remote = Api(stopping.base_url)
+    feeds = [await remote.open_feed(reader) for _ in range(2 * workers)]
+    survivor = await api.open_feed(reader)
+
+    last = (await remote.post(author, "just before SIGTERM"))["id"]
+    loop = asyncio.get_running_loop()
+    signalled = loop.time()
+    stopping.signal(signal.SIGTERM)
+    for n, feed in enumerate(feeds):
+        assert await feed.wait_closed(SHUTDOWN_TIMEOUT) == CLOSE_GOING_AWAY, f"feed {n}"
+    status = await stopping.wait_exit(SHUTDOWN_TIMEOUT - (loop.time() - signalled))
+    took = loop.time() - signalled
+    print(f"\nSIGTERM -> exit {status} in {took:.2f} s ({workers} worker(s))")
+    assert status == 0, stopping.log_tail()
+
+    for n, feed in enumerate(feeds):
+        assert ids_of(feed.posts) in ([], [last]), f"feed {n}: {ids_of(feed.posts)}"
+    await until(survivor, lambda: last in ids_of(survivor.posts), 10, "the last post survives")
+    marker = await settle(api, author, [survivor])
+    assert_exactly_once(ids_of(survivor.posts), [last, marker], "surviving session")
+    await wait_for_outbox_without(db_dsn, {last, marker})
