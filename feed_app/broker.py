@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 POSTS_EXCHANGE = "amq.direct"
 SESSION_QUEUE_EXPIRES_MS = 60_000  # safety net: an unused session queue vanishes after a minute
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
+ACKED_ALONE_COMPACTION = 4096
 
 
 class BrokerUnavailable(Exception):
@@ -117,6 +118,11 @@ class Channel:
             self.pika.basic_ack(tag)
         acked_alone |= settled
         settled.clear()
+        if len(acked_alone) > ACKED_ALONE_COMPACTION:
+            # A slow session has kept the oldest tag pending for long: drop the tags acked since
+            # from the queue now, rather than holding them until that write completes.
+            self._unacked = collections.deque(t for t in unacked if t not in acked_alone)
+            acked_alone.clear()
 
     @property
     def is_open(self) -> bool:

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 SQL_DIR = pathlib.Path(__file__).resolve().parent.parent / "sql"
 MIGRATION_LOCK = 0x46454544  # pg_advisory_lock key ("FEED") serialising concurrent start-ups
-QUERY_TIMEOUT = 5.0  # seconds; aiopg closes a connection whose query times out
+# Seconds for connecting or for one query (aiopg closes a connection whose query times out). It
+# bounds how long a request waits on a PostgreSQL that accepts connections but does not answer.
+QUERY_TIMEOUT = 3.0
 
 
 class DatabaseUnavailable(Exception):
@@ -110,7 +112,6 @@ class Database:
             maxsize=pool_size,
             timeout=QUERY_TIMEOUT,
             pool_recycle=300,
-            connect_timeout=3,
             options="-c timezone=UTC",
         )
         return cls(pool)
@@ -120,13 +121,16 @@ class Database:
         await self.pool.wait_closed()
 
     async def _run(self, sql: str, params: Any = None, *, retry: bool = True) -> list[tuple]:
-        """One statement; a read (retry=True) is retried once on a fresh connection, because after
-        a PostgreSQL restart every pooled connection is dead and only use reveals it."""
+        """One statement. A read (retry=True) that fails on a broken connection is retried once on
+        a fresh one, because after a PostgreSQL restart every pooled connection is dead and only
+        use reveals it; a timeout is not retried, so a silent server costs one QUERY_TIMEOUT."""
         try:
             async with self.pool.acquire() as conn, conn.cursor() as cur:
                 await cur.execute(sql, params)
                 return await cur.fetchall() if cur.description else []
-        except (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            raise DatabaseUnavailable(f"no answer within {QUERY_TIMEOUT} s") from exc
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             await self.pool.clear()
             if retry:
                 return await self._run(sql, params, retry=False)

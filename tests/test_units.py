@@ -1,7 +1,10 @@
-"""Pure logic: de-duplication bookkeeping and configuration parsing."""
+"""Pure logic: de-duplication, ack coalescing and configuration parsing."""
+
+import asyncio
 
 import pytest
 
+from feed_app.broker import Channel
 from feed_app.config import parse_settings, redact_url
 from feed_app.sessions import SeenPosts
 
@@ -38,3 +41,38 @@ def test_bad_environment_value_is_a_clear_error(capsys):
 def test_passwords_are_redacted_from_urls():
     assert redact_url("amqp://guest:s3cret@host:5672/%2F") == "amqp://guest:***@host:5672/%2F"
     assert redact_url("postgresql://127.0.0.1/feed") == "postgresql://127.0.0.1/feed"
+
+
+class RecordingPikaChannel:
+    is_open = True
+
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, bool]] = []
+
+    def add_on_close_callback(self, callback) -> None:
+        pass
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acks.append((delivery_tag, multiple))
+
+
+def test_acks_coalesce_into_one_multiple_ack_and_never_ack_a_tag_twice():
+    async def scenario() -> list[list[tuple[int, bool]]]:
+        pika_channel = RecordingPikaChannel()
+        channel = Channel(pika_channel)
+        for tag in range(1, 7):
+            channel.delivered(tag)
+        rounds = []
+        for settled in ([1, 2, 3], [5], [4, 6]):
+            for tag in settled:
+                channel.ack(tag)
+            await asyncio.sleep(0)  # acks go at the end of the loop turn
+            rounds.append(pika_channel.acks)
+            pika_channel.acks = []
+        return rounds
+
+    assert asyncio.run(scenario()) == [
+        [(3, True)],  # 1..3 settled together: one frame
+        [(5, False)],  # 4 is still being written: 5 goes alone
+        [(6, True)],  # then 4 and 6: the run 4..6 goes as one (5 is not outstanding any more)
+    ]
