@@ -47,8 +47,10 @@ class OutboxRelay:
         self.metrics = metrics
         self.lease = lease
         self.owner = uuid.uuid4()  # this process, as the outbox lease holder
+        # Post ids this process is publishing, and those the broker confirmed whose outbox rows are
+        # not deleted yet: the sweep must not take either for leftovers and publish them again.
         self._in_flight: set[int] = set()
-        self._confirmed: list[int] = []
+        self._confirmed: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self._wake_deleter = asyncio.Event()
         self._wake_sweeper = asyncio.Event()
@@ -68,13 +70,12 @@ class OutboxRelay:
 
     def publish(self, post: Post) -> None:
         """Publish a just-committed post; failures are left to the sweep."""
-        if self.broker.is_open:
+        if self.broker.is_open and post.id not in self._in_flight | self._confirmed:
+            self._in_flight.add(post.id)
             self._spawn(self._publish(post))
 
     async def _publish(self, post: Post) -> None:
-        if post.id in self._in_flight:
-            return
-        self._in_flight.add(post.id)
+        """Publish and wait for the confirm; the caller has put the id in _in_flight."""
         try:
             body, properties = post_message(post)
             await self.broker.publish(str(post.author_id), body, properties)
@@ -84,7 +85,7 @@ class OutboxRelay:
         finally:
             self._in_flight.discard(post.id)
         self.metrics.publishes += 1
-        self._confirmed.append(post.id)
+        self._confirmed.add(post.id)
         self._wake_deleter.set()
 
     async def _delete_confirmed(self) -> None:
@@ -92,12 +93,14 @@ class OutboxRelay:
         while True:
             await self._wake_deleter.wait()
             self._wake_deleter.clear()
-            batch, self._confirmed = self._confirmed, []
+            batch = list(self._confirmed)
             try:
                 await self.db.delete_outbox(batch)
             except DatabaseUnavailable as exc:
-                # The rows stay and are published again later: a duplicate, which sessions drop.
+                # The ids stay in _confirmed, so the next sweep retries the delete, not the publish.
                 log.warning("cannot delete %d outbox rows: %s", len(batch), exc)
+                continue
+            self._confirmed.difference_update(batch)
 
     # --- recovery ----------------------------------------------------------------------------
 
@@ -112,6 +115,8 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake_sweeper.wait(), self.lease / 2)
             self._wake_sweeper.clear()
+            if self._confirmed:
+                self._wake_deleter.set()
             if self.broker.is_open:
                 await self.sweep_once()
 
@@ -121,13 +126,14 @@ class OutboxRelay:
         while self.broker.is_open:
             try:
                 posts = await self.db.claim_outbox(
-                    self.owner, self.lease, SWEEP_BATCH, sorted(self._in_flight)
+                    self.owner, self.lease, SWEEP_BATCH, sorted(self._in_flight | self._confirmed)
                 )
             except DatabaseUnavailable as exc:
                 log.warning("outbox sweep skipped: %s", exc)
                 break
             if posts:
                 log.info("republishing %d posts from the outbox", len(posts))
+            self._in_flight.update(post.id for post in posts)
             await asyncio.gather(*(self._publish(post) for post in posts))
             claimed += len(posts)
             if len(posts) < SWEEP_BATCH:
@@ -141,8 +147,8 @@ class OutboxRelay:
         while self._in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._confirmed:
-            await self.db.delete_outbox(self._confirmed)
-            self._confirmed = []
+            await self.db.delete_outbox(list(self._confirmed))
+            self._confirmed.clear()
 
     async def stop(self) -> None:
         self.broker.listeners.discard(self)
