@@ -1,0 +1,242 @@
+"""Ceilings measured in the same run, on the same machine, with the same client code.
+
+(a) bare push: bench/bare_push_server.py gets the same users, follow graph and sessions, and the
+    same posts (authors in the same order, text size; repeated up to a minimum burst size) in
+    one unthrottled burst; deliveries/s is what the client receives from it. It bounds what
+    any Tornado websocket feed can reach with this client here.
+(b) bare pika: one AsyncioConnection publishes M messages (with publisher confirms, like the
+    service) into a queue that another AsyncioConnection consumes (prefetch like the service,
+    one manual ack per message); messages/s is what one consumer gets through the broker.
+
+The service's deliveries/s over the lower ceiling says how close to the plumbing's limit it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+from pika.adapters.asyncio_connection import AsyncioConnection
+from tornado.httpclient import AsyncHTTPClient
+
+from bench.feedclient import FeedClient, Tracker, open_clients
+from bench.population import Population
+from bench.processes import ManagedProcess, free_port, wait_ready
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+
+
+# A burst shorter than a second measures start-up more than throughput: the run's posts are
+# repeated (same authors, same order) until the burst holds at least this many deliveries.
+MIN_BURST_DELIVERIES = 50_000
+MAX_BURST_REPEATS = 20
+
+
+def _repeat_until(items: list[int], weight: Callable[[int], int], total: int) -> list[int]:
+    result: list[int] = []
+    per_round = sum(weight(item) for item in items)
+    for _ in range(MAX_BURST_REPEATS):
+        result += items
+        if per_round * (len(result) // max(1, len(items))) >= total:
+            break
+    return result
+
+
+async def _drain(tracker: Tracker, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while tracker.outstanding() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def bare_push_ceiling(
+    population: Population,
+    authors: list[int],
+    text_size: int,
+    *,
+    log_path: pathlib.Path,
+    concurrency: int,
+    ready_timeout: float,
+    drain_timeout: float,
+) -> dict[str, Any]:
+    """Deliveries/s from the bare push server to the same sessions for the same posts."""
+    port = free_port()
+    server = ManagedProcess(
+        "bare push server",
+        [sys.executable, str(BENCH_DIR / "bare_push_server.py"), "--port", str(port)],
+        log_path,
+    )
+    clients: list[FeedClient] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_ready(base, 15, server)
+        http = AsyncHTTPClient()
+        following = {
+            str(population.user_id(u)): [population.user_id(a) for a in authors_of_u]
+            for u, authors_of_u in enumerate(population.follows)
+        }
+        await http.fetch(f"{base}/setup", method="POST", body=json.dumps({"following": following}))
+
+        tracker = Tracker()
+        clients = [
+            FeedClient(i, f"ws://127.0.0.1:{port}/post/feed/{population.user_id(u)}", tracker)
+            for i, u in enumerate(population.session_users)
+        ]
+        await open_clients(clients, concurrency, ready_timeout, time.monotonic() + ready_timeout)
+        fan_out = population.sessions_by_author()
+        started = time.monotonic()
+        posts = []
+        for author in _repeat_until(authors, lambda a: len(fan_out[a]), MIN_BURST_DELIVERIES):
+            open_sessions = frozenset(s for s in fan_out[author] if clients[s].is_open)
+            record = tracker.new_post(author, open_sessions, started)
+            record.status = 201
+            posts.append(
+                {
+                    "id": record.index + 1,
+                    "author_id": population.user_id(author),
+                    "text": tracker.text(record.index, text_size),
+                }
+            )
+        tracker.measuring = True
+        response = await http.fetch(
+            f"{base}/burst",
+            method="POST",
+            body=json.dumps({"posts": posts}),
+            request_timeout=drain_timeout + 60,
+        )
+        pushed = json.loads(response.body)
+        await _drain(tracker, drain_timeout)
+        tracker.measuring = False
+        last = max(tracker.receive_times, default=started)
+        elapsed = max(last - started, 1e-9)
+        lost, _ = tracker.losses({c.index for c in clients if c.is_open})
+        return {
+            "deliveries": tracker.delivered,
+            "expected": tracker.expected_total,
+            "seconds": round(elapsed, 3),
+            "deliveries_per_s": round(tracker.delivered / elapsed, 1),
+            "server_write_seconds": round(pushed["seconds"], 3),
+            "lost": lost,
+            "duplicated": tracker.duplicated,
+            "sessions_ready": sum(1 for c in clients if c.is_open),
+        }
+    finally:
+        for client in clients:
+            client.close()
+        await asyncio.to_thread(server.stop)
+
+
+# --- bare pika --------------------------------------------------------------------------------
+
+
+async def _open_connection(url: str) -> AsyncioConnection:
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future = loop.create_future()
+
+    def on_error(_connection: Any, error: Exception) -> None:
+        if not opened.done():
+            opened.set_exception(ConnectionError(f"cannot connect to RabbitMQ: {error}"))
+
+    AsyncioConnection(
+        pika.URLParameters(url),
+        on_open_callback=opened.set_result,
+        on_open_error_callback=on_error,
+        custom_ioloop=loop,
+    )
+    return await asyncio.wait_for(opened, 10)
+
+
+async def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Await a pika method that takes `callback=` (the same idea as feed_app.broker.Channel)."""
+    future = asyncio.get_running_loop().create_future()
+    method(*args, callback=lambda reply: future.done() or future.set_result(reply), **kwargs)
+    return await asyncio.wait_for(future, 10)
+
+
+async def _open_channel(connection: AsyncioConnection) -> Any:
+    future = asyncio.get_running_loop().create_future()
+    connection.channel(on_open_callback=future.set_result)
+    return await asyncio.wait_for(future, 10)
+
+
+class _Confirms:
+    """Publisher confirms with a bounded window of unconfirmed messages."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.published = 0
+        self.confirmed = 0
+        self.nacked = 0
+        self._event = asyncio.Event()
+
+    def on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        count = method.delivery_tag - self.confirmed if method.multiple else 1
+        self.confirmed += count
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.nacked += count
+        self._event.set()
+
+    async def room(self, deadline: float) -> None:
+        while self.published - self.confirmed >= self.window and time.monotonic() < deadline:
+            self._event.clear()
+            await asyncio.wait_for(self._event.wait(), max(0.01, deadline - time.monotonic()))
+
+
+async def pika_ceiling(
+    url: str, messages: int, body_size: int, prefetch: int, timeout: float
+) -> dict[str, Any]:
+    """Messages/s from one publishing AsyncioConnection to one consuming one."""
+    publisher = consumer = None
+    queue = f"bench.ceiling.{secrets.token_hex(6)}"
+    body = b"x" * body_size
+    properties = pika.BasicProperties(delivery_mode=1, content_type="application/json")
+    received = 0
+    done = asyncio.get_running_loop().create_future()
+    deadline = time.monotonic() + timeout
+    try:
+        consumer = await _open_connection(url)
+        publisher = await _open_connection(url)
+        consume_channel = await _open_channel(consumer)
+        await _call(consume_channel.basic_qos, prefetch_count=prefetch)
+        await _call(consume_channel.queue_declare, queue, auto_delete=True, exclusive=True)
+
+        def on_message(channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
+            nonlocal received
+            channel.basic_ack(method.delivery_tag)
+            received += 1
+            if received >= messages and not done.done():
+                done.set_result(time.monotonic())
+
+        await _call(consume_channel.basic_consume, queue, on_message)
+        publish_channel = await _open_channel(publisher)
+        confirms = _Confirms(window=1000)
+        await _call(publish_channel.confirm_delivery, confirms.on_confirm)
+        started = time.monotonic()
+        for _ in range(messages):
+            await confirms.room(deadline)
+            publish_channel.basic_publish("", queue, body, properties)
+            confirms.published += 1
+        finished = await asyncio.wait_for(done, max(0.1, deadline - time.monotonic()))
+        elapsed = max(finished - started, 1e-9)
+        return {
+            "messages": received,
+            "seconds": round(elapsed, 3),
+            "messages_per_s": round(received / elapsed, 1),
+            "body_bytes": body_size,
+            "prefetch": prefetch,
+            "nacked": confirms.nacked,
+        }
+    except (asyncio.TimeoutError, ConnectionError) as exc:
+        return {"error": str(exc) or type(exc).__name__, "messages": received}
+    finally:
+        for connection in (publisher, consumer):
+            if connection is not None and connection.is_open:
+                connection.close()
+        await asyncio.sleep(0.1)  # let the close frames go out

@@ -1,0 +1,292 @@
+"""The measuring side: websocket feed clients and the bookkeeping of every post and delivery.
+
+The same FeedClient and Tracker measure the service and the bare push server (the ceiling), so
+the two numbers differ only by what is behind the socket.
+
+Matching: each post's text starts with a marker `#<nonce>:<8-digit index>#`. A frame is matched by
+finding the marker in the raw text (no JSON parsing per frame: at tens of thousands of frames per
+second, the client's own CPU is part of what limits the measurement). The nonce is fresh per
+tracker, so a post from an earlier run, or history, never matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import json
+import math
+import secrets
+import time
+from collections.abc import Sequence
+
+import tornado.websocket
+from tornado.httpclient import HTTPClientError, HTTPRequest
+
+INDEX_DIGITS = 8
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; None when there are none."""
+    if not sorted_values:
+        return None
+    rank = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
+    return sorted_values[min(rank, len(sorted_values) - 1)]
+
+
+def summarize(values: Sequence[float], scale: float = 1000.0) -> dict[str, float | None]:
+    """p50/p95/p99/max (milliseconds by default) and count of a list of seconds."""
+    ordered = sorted(values)
+
+    def at(p: float) -> float | None:
+        value = percentile(ordered, p)
+        return None if value is None else round(value * scale, 3)
+
+    return {
+        "count": len(ordered),
+        "p50": at(50),
+        "p95": at(95),
+        "p99": at(99),
+        "max": at(100),
+    }
+
+
+class LatencyHistogram:
+    """Log-spaced buckets (2% wide, 10 µs to ~100 s): a running p99 for the progress line at a
+    cost independent of how many deliveries were seen; exact percentiles are computed at the end."""
+
+    RATIO = 1.02
+    LOW = 1e-5
+
+    def __init__(self) -> None:
+        self.bounds = [self.LOW * self.RATIO**i for i in range(820)]
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += 1
+
+    def quantile(self, q: float) -> float | None:
+        if not self.total:
+            return None
+        target, running = q * self.total, 0
+        for index, count in enumerate(self.counts):
+            running += count
+            if running >= target:
+                return self.bounds[min(index, len(self.bounds) - 1)]
+        return self.bounds[-1]
+
+
+@dataclasses.dataclass(eq=False)
+class PostRecord:
+    """One post: when its request started, which sessions must get it, which did and when."""
+
+    index: int
+    author: int  # user index
+    started: float  # monotonic time the HTTP request started (or the burst started)
+    expected: frozenset[int] = frozenset()  # sessions open and following the author at send time
+    status: int | None = None  # HTTP status; None while in flight, 599 for a transport error
+    answered: float | None = None
+    post_id: int | None = None
+    received: dict[int, float] = dataclasses.field(default_factory=dict)  # session -> time
+
+
+class Tracker:
+    """All posts of one measurement and what the clients received; all counters live here."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(3)
+        self.marker = f"#{self.nonce}:"
+        self.posts: list[PostRecord] = []
+        self.latencies: list[float] = []  # seconds, expected deliveries only
+        self.histogram = LatencyHistogram()
+        self.receive_times: list[float] = []
+        self.delivered = 0  # first receipt of a post on a session
+        self.delivered_expected = 0
+        self.expected_total = 0  # over posts sent so far (including ones that later failed)
+        self.duplicated = 0
+        self.unexpected = 0  # a session got a post it was not expected to get
+        self.foreign_frames = 0  # frames of posts not from this measurement (history)
+        self.http_errors: dict[str, int] = {}
+        self.socket_closes: dict[str, int] = {}
+        self.connect_errors: dict[str, int] = {}
+        self.measuring = False  # closes while measuring are errors; at tear-down they are not
+        self.started = time.monotonic()
+
+    def text(self, index: int, size: int) -> str:
+        head = f"{self.marker}{index:0{INDEX_DIGITS}d}# bench post "
+        return head + "x" * max(0, size - len(head))
+
+    def new_post(self, author: int, expected: frozenset[int], started: float) -> PostRecord:
+        record = PostRecord(len(self.posts), author, started, expected)
+        self.posts.append(record)
+        self.expected_total += len(expected)
+        return record
+
+    def on_post_frame(self, session: int, frame: str, now: float) -> None:
+        at = frame.find(self.marker)
+        if at < 0:
+            self.foreign_frames += 1
+            return
+        start = at + len(self.marker)
+        record = self.posts[int(frame[start : start + INDEX_DIGITS])]
+        if session in record.received:
+            self.duplicated += 1
+            return
+        record.received[session] = now
+        self.delivered += 1
+        self.receive_times.append(now)
+        if session in record.expected:
+            latency = now - record.started
+            self.delivered_expected += 1
+            self.latencies.append(latency)
+            self.histogram.add(latency)
+        else:
+            self.unexpected += 1
+
+    @staticmethod
+    def _count(counter: dict[str, int], key: str) -> None:
+        counter[key] = counter.get(key, 0) + 1
+
+    def on_http_result(self, record: PostRecord, status: int, error: str | None) -> None:
+        record.status = status
+        record.answered = time.monotonic()
+        if status != 201:
+            self._count(self.http_errors, error or f"HTTP {status}")
+
+    def on_close(self, code: int | None, reason: str | None) -> None:
+        if self.measuring:
+            self._count(self.socket_closes, f"{code} {reason or ''}".strip())
+
+    def on_connect_error(self, error: str) -> None:
+        self._count(self.connect_errors, error)
+
+    # --- end-of-run accounting -------------------------------------------------------------
+
+    def outstanding(self) -> int:
+        """Expected deliveries not received yet, plus posts still waiting for their answer."""
+        waiting = sum(1 for r in self.posts if r.status is None)
+        failed_expected = sum(len(r.expected) for r in self.posts if r.status not in (None, 201))
+        failed_received = sum(
+            sum(1 for s in r.received if s in r.expected)
+            for r in self.posts
+            if r.status not in (None, 201)
+        )
+        missing = (self.expected_total - failed_expected) - (
+            self.delivered_expected - failed_received
+        )
+        return waiting + missing
+
+    def losses(self, open_sessions: set[int]) -> tuple[int, int]:
+        """(lost on sessions still open, undelivered to sessions that closed meanwhile) over the
+        posts the service accepted (201)."""
+        lost = lost_closed = 0
+        for record in self.posts:
+            if record.status != 201:
+                continue
+            for session in record.expected:
+                if session not in record.received:
+                    if session in open_sessions:
+                        lost += 1
+                    else:
+                        lost_closed += 1
+        return lost, lost_closed
+
+
+class FeedClient:
+    """One feed websocket. Callback style (on_message_callback) rather than a read loop per
+    socket: thousands of sockets then cost no coroutine each, only a callback per frame."""
+
+    def __init__(self, index: int, url: str, tracker: Tracker) -> None:
+        self.index = index
+        self.url = url
+        self.tracker = tracker
+        self.connection: tornado.websocket.WebSocketClientConnection | None = None
+        self.ready = asyncio.get_running_loop().create_future()
+        self.started: float | None = None
+        self.ready_at: float | None = None
+        self.following: int | None = None
+        self.closed = False
+        self.close_code: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.ready_at is not None and not self.closed
+
+    @property
+    def ready_seconds(self) -> float | None:
+        if self.ready_at is None or self.started is None:
+            return None
+        return self.ready_at - self.started
+
+    async def open(self, timeout: float) -> bool:
+        """Connect and wait for `ready`; False (and the error counted) if either fails."""
+        self.started = time.monotonic()
+        try:
+            request = HTTPRequest(self.url, connect_timeout=timeout, request_timeout=timeout)
+            self.connection = await tornado.websocket.websocket_connect(
+                request, on_message_callback=self._on_message
+            )
+            await asyncio.wait_for(asyncio.shield(self.ready), timeout)
+            return True
+        except HTTPClientError as exc:
+            self.tracker.on_connect_error(f"HTTP {exc.code}")
+        except asyncio.TimeoutError:
+            self.tracker.on_connect_error("timeout waiting for ready")
+        except (OSError, tornado.websocket.WebSocketError) as exc:
+            self.tracker.on_connect_error(type(exc).__name__)
+        self.close()
+        return False
+
+    def _on_message(self, message: str | bytes | None) -> None:
+        now = time.monotonic()
+        if message is None:
+            self._on_closed()
+            return
+        if isinstance(message, bytes):
+            message = message.decode()
+        if self.ready_at is None and message.startswith(('{"type": "ready"', '{"type":"ready"')):
+            self.ready_at = now
+            self.following = json.loads(message).get("following")
+            if not self.ready.done():
+                self.ready.set_result(True)
+            return
+        self.tracker.on_post_frame(self.index, message, now)
+
+    def _on_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        connection = self.connection
+        self.close_code = connection.close_code if connection else None
+        if self.ready_at is not None:
+            self.tracker.on_close(self.close_code, connection.close_reason if connection else None)
+        if not self.ready.done():
+            self.ready.set_exception(tornado.websocket.WebSocketClosedError())
+            self.ready.exception()  # retrieved: nobody else may be waiting for it any more
+
+    def close(self) -> None:
+        self.closed = True
+        if self.connection is not None:
+            self.connection.close()
+        if not self.ready.done():
+            self.ready.cancel()
+
+
+async def open_clients(
+    clients: Sequence[FeedClient], concurrency: int, timeout: float, deadline: float
+) -> None:
+    """Open all clients, at most `concurrency` handshakes at a time (the service's listen backlog
+    and the connect burst would otherwise dominate the ready time), within an overall deadline."""
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def open_one(client: FeedClient) -> None:
+        async with semaphore:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                client.tracker.on_connect_error("overall ready deadline passed")
+                return
+            await client.open(min(timeout, remaining))
+
+    await asyncio.gather(*(open_one(c) for c in clients))

@@ -1,0 +1,165 @@
+"""Resource readings from /proc (CPU seconds, RSS) and from RabbitMQ's command-line tools.
+
+/proc is read directly (no psutil dependency): utime+stime of /proc/<pid>/stat and VmRSS of
+/proc/<pid>/status are all the load test needs, and reading them costs microseconds. The RabbitMQ
+CLI tools start an Erlang VM and take a noticeable fraction of a second to seconds, so they are
+called a couple of times per run, never in a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from typing import Any
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLI_TIMEOUT = 30.0  # seconds; rabbitmqctl with 10,000 queues takes a few
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (which may contain spaces)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and all its descendants (run.py --workers N forks N workers under one parent)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def processes_named(name: str) -> list[int]:
+    """Pids whose command name is `name` (e.g. beam.smp, the RabbitMQ VM)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == name:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time of these processes (the ones that still exist)."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:  # fields[11], [12] are utime, stime (stat fields 14 and 15)
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def rss_bytes(pids: Iterable[int]) -> int:
+    """Sum of VmRSS. Forked workers share pages with their parent, so this over-counts a little
+    for --workers > 1; the per-session figure is a difference and is not affected much."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of a set of processes between start() and stop()."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._pids = pids
+        self._start = 0.0
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        self._start = cpu_seconds(self._pids())
+
+    def stop(self) -> float:
+        self.seconds = cpu_seconds(self._pids()) - self._start
+        return self.seconds
+
+
+# --- RabbitMQ --------------------------------------------------------------------------------
+
+
+async def _run_cli(*argv: str) -> Any | None:
+    """Run a RabbitMQ CLI command with --formatter json; None if unavailable or failing."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            "--formatter",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
+    except asyncio.TimeoutError:
+        process.kill()
+        await process.wait()
+        return None
+    if process.returncode != 0:
+        return None
+    try:
+        return json.loads(out)
+    except ValueError:
+        return None
+
+
+SESSION_QUEUE = re.compile(r"^(\d+)\.[0-9a-f]{16}$")  # feed_app.sessions: f"{user_id}.{hex}"
+
+
+async def rabbitmq_snapshot(user_ids: range) -> dict[str, Any]:
+    """Queue count and memory: all queues on the broker (it is shared with other users of the
+    machine) and the session queues of this run's users, recognised by name. The broker's total
+    memory is its RSS (read from /proc by the caller), so only the breakdown's queue and
+    connection parts are taken from here."""
+    queues, memory = await asyncio.gather(
+        _run_cli("rabbitmqctl", "list_queues", "-q", "name", "memory"),
+        _run_cli("rabbitmq-diagnostics", "-q", "memory_breakdown"),
+    )
+    result: dict[str, Any] = {"available": queues is not None}
+    if isinstance(queues, list):
+        ours = [
+            q
+            for q in queues
+            if (m := SESSION_QUEUE.match(str(q.get("name", "")))) and int(m[1]) in user_ids
+        ]
+        result.update(
+            queues_total=len(queues),
+            session_queues=len(ours),
+            session_queue_memory_bytes=sum(int(q.get("memory") or 0) for q in ours),
+        )
+    if isinstance(memory, dict):
+        result["queue_procs_bytes"] = int(memory.get("queue_procs", {}).get("bytes", 0))
+        result["connection_bytes"] = sum(
+            int(v.get("bytes", 0)) for k, v in memory.items() if k.startswith("connection_")
+        )
+    return result
