@@ -7,7 +7,6 @@ import dataclasses
 import datetime
 import logging
 import pathlib
-import uuid
 from typing import Any
 
 import aiopg
@@ -168,7 +167,7 @@ class Database:
 
     # posts
 
-    async def insert_post(self, author_id: int, text: str, owner: uuid.UUID, lease: float) -> Post:
+    async def insert_post(self, author_id: int, text: str, lease: float) -> Post:
         """Store a post and its outbox row in one statement (so one transaction).
 
         The id comes from post_clock, whose row stays locked until this transaction commits: the
@@ -183,11 +182,11 @@ class Database:
                 SELECT last_id, %(author)s, %(text)s FROM clock
                 RETURNING {_POST_COLUMNS}
             ), queued AS (
-                INSERT INTO outbox (post_id, owner, claimed_until)
-                SELECT id, %(owner)s, now() + %(lease)s * interval '1 second' FROM post
+                INSERT INTO outbox (post_id, claimed_until)
+                SELECT id, now() + %(lease)s * interval '1 second' FROM post
             )
             SELECT {_POST_COLUMNS} FROM post"""
-        params = {"author": author_id, "text": text, "owner": str(owner), "lease": lease}
+        params = {"author": author_id, "text": text, "lease": lease}
         [row] = await self._run(sql, params, retry=False)
         return Post(*row)
 
@@ -226,23 +225,23 @@ class Database:
     # outbox
 
     async def claim_outbox(
-        self, owner: uuid.UUID, lease: float, limit: int, skip: list[int]
+        self, lease: float, limit: int, mine: list[int], busy: list[int]
     ) -> list[Post]:
-        """Take over outbox rows whose lease ran out (their writer died) or that are this process's
-        own and not being published right now (the broker was down); extend their lease."""
+        """Take over, and extend the lease of, the outbox rows listed in `mine` (this process
+        failed to publish them) and the rows whose lease ran out (their writer died or is stuck),
+        except the `busy` ones this process is publishing or has published."""
         sql = f"""
             WITH claimed AS (
-                UPDATE outbox SET owner = %(owner)s,
-                                  claimed_until = now() + %(lease)s * interval '1 second'
+                UPDATE outbox SET claimed_until = now() + %(lease)s * interval '1 second'
                 WHERE post_id IN (
                     SELECT post_id FROM outbox
-                    WHERE (claimed_until < now() OR owner = %(owner)s)
-                      AND post_id <> ALL(%(skip)s)
+                    WHERE post_id = ANY(%(mine)s)
+                       OR (claimed_until < now() AND post_id <> ALL(%(busy)s))
                     ORDER BY post_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
                 RETURNING post_id)
             SELECT {_POST_COLUMNS} FROM posts WHERE id IN (SELECT post_id FROM claimed)
             ORDER BY id"""
-        params = {"owner": str(owner), "lease": lease, "limit": limit, "skip": skip}
+        params = {"lease": lease, "limit": limit, "mine": mine, "busy": busy}
         return [Post(*row) for row in await self._run(sql, params, retry=False)]
 
     async def delete_outbox(self, post_ids: list[int]) -> None:

@@ -170,7 +170,7 @@ class CreatePostHandler(BaseHandler):
         if len(text) > MAX_POST_LENGTH:
             raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
         relay = self.service.relay
-        post = await self.db.insert_post(author, text, relay.owner, relay.lease)
+        post = await self.db.insert_post(author, text, relay.lease)
         relay.publish(post)
         self.set_status(201)
         self.finish(post.to_json())

@@ -1,10 +1,15 @@
 """The outbox relay: every committed post reaches the broker, whatever fails in between.
 
 A post and its outbox row are committed together (db.insert_post). The process that wrote them
-publishes at once (the fast path) and deletes the row when the broker confirms. Anything left over
-(the broker was down, the confirm never came, the writing process died) is found by the sweep:
-rows whose lease ran out, or this process's own rows not in flight, are claimed and published
-again. A post can therefore be published twice, never zero times; sessions de-duplicate by id.
+publishes at once (the fast path) and deletes the row when the broker confirms. What is left over
+is found by the sweep: the rows this process failed to publish (the broker was down, the confirm
+never came), at once when the broker is back, and anybody's rows whose lease ran out (their
+writer died), by any instance. A post can therefore be published twice, never zero times;
+sessions de-duplicate by id.
+
+Why the sweep takes this process's own rows by id and not "every row I wrote": a post commits a
+moment before its request handler hands it to the fast path, and a sweep running in between would
+publish it too (seen under load as a few duplicate publishes a minute).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 
 import pika
 
@@ -46,11 +50,11 @@ class OutboxRelay:
         self.broker = broker
         self.metrics = metrics
         self.lease = lease
-        self.owner = uuid.uuid4()  # this process, as the outbox lease holder
         # Post ids this process is publishing, and those the broker confirmed whose outbox rows are
         # not deleted yet: the sweep must not take either for leftovers and publish them again.
         self._in_flight: set[int] = set()
         self._confirmed: set[int] = set()
+        self._unpublished: set[int] = set()  # the fast path failed: the sweep's job
         self._tasks: set[asyncio.Task] = set()
         self._wake_deleter = asyncio.Event()
         self._wake_sweeper = asyncio.Event()
@@ -70,7 +74,9 @@ class OutboxRelay:
 
     def publish(self, post: Post) -> None:
         """Publish a just-committed post; failures are left to the sweep."""
-        if self.broker.is_open and post.id not in self._in_flight | self._confirmed:
+        if not self.broker.is_open:
+            self._unpublished.add(post.id)
+        elif post.id not in self._in_flight | self._confirmed:
             self._in_flight.add(post.id)
             self._spawn(self._publish(post))
 
@@ -81,6 +87,7 @@ class OutboxRelay:
             await self.broker.publish(str(post.author_id), body, properties)
         except BrokerUnavailable as exc:
             log.info("post %d not published yet (%s); the outbox keeps it", post.id, exc)
+            self._unpublished.add(post.id)
             return
         finally:
             self._in_flight.discard(post.id)
@@ -125,15 +132,19 @@ class OutboxRelay:
         claimed = 0
         while self.broker.is_open:
             try:
-                posts = await self.db.claim_outbox(
-                    self.owner, self.lease, SWEEP_BATCH, sorted(self._in_flight | self._confirmed)
-                )
+                mine = sorted(self._unpublished)[:SWEEP_BATCH]
+                busy = sorted(self._in_flight | self._confirmed)
+                posts = await self.db.claim_outbox(self.lease, SWEEP_BATCH, mine, busy)
             except DatabaseUnavailable as exc:
                 log.warning("outbox sweep skipped: %s", exc)
                 break
             if posts:
                 log.info("republishing %d posts from the outbox", len(posts))
-            self._in_flight.update(post.id for post in posts)
+            claimed_ids = {post.id for post in posts}
+            # Own rows not claimed are gone (another instance published them after the lease),
+            # unless the batch was full and they did not fit.
+            self._unpublished -= set(mine) if len(posts) < SWEEP_BATCH else claimed_ids
+            self._in_flight |= claimed_ids
             await asyncio.gather(*(self._publish(post) for post in posts))
             claimed += len(posts)
             if len(posts) < SWEEP_BATCH:

@@ -34,12 +34,11 @@ CREATE TABLE posts (
 );
 CREATE INDEX posts_author_id_idx ON posts (author_id, id);
 
--- A post waits here until the broker has confirmed its publication. owner/claimed_until form a
--- lease: the writing process publishes at once; if it dies, another one takes the row over when
--- the lease runs out.
+-- A post waits here until the broker has confirmed its publication. claimed_until is a lease:
+-- the writing process publishes at once; if it dies, another one takes the row over when the
+-- lease runs out.
 CREATE TABLE outbox (
     post_id       bigint      PRIMARY KEY REFERENCES posts (id) ON DELETE CASCADE,
-    owner         uuid        NOT NULL,
     claimed_until timestamptz NOT NULL
 );
 CREATE INDEX outbox_claimed_until_idx ON outbox (claimed_until);
