@@ -60,6 +60,7 @@ async def serve(settings: Settings, sockets: list | None) -> None:
     await stopping.wait()
     log.info("shutting down (deadline %.0f s)", settings.shutdown_timeout)
     await service.stop()
+    log.info("stopped")
 
 
 def run_workers(settings: Settings) -> int:
