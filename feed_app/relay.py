@@ -29,6 +29,7 @@ from feed_app.metrics import Metrics
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 500
+DELETE_LINGER = 0.1  # seconds
 
 
 def post_message(post: Post) -> tuple[bytes, pika.BasicProperties]:
@@ -96,9 +97,11 @@ class OutboxRelay:
         self._wake_deleter.set()
 
     async def _delete_confirmed(self) -> None:
-        """Delete confirmed rows in batches: one statement per wake-up, not one per post."""
+        """Delete confirmed rows in batches: one statement per DELETE_LINGER, not one per post.
+        A row deleted late costs nothing but outbox space; its post was already published."""
         while True:
             await self._wake_deleter.wait()
+            await asyncio.sleep(DELETE_LINGER)
             self._wake_deleter.clear()
             batch = list(self._confirmed)
             try:

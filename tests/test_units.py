@@ -1,6 +1,7 @@
 """Pure logic: de-duplication, ack coalescing and configuration parsing."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -76,3 +77,16 @@ def test_acks_coalesce_into_one_multiple_ack_and_never_ack_a_tag_twice():
         [(5, False)],  # 4 is still being written: 5 goes alone
         [(6, True)],  # then 4 and 6: the run 4..6 goes as one (5 is not outstanding any more)
     ]
+
+
+def test_a_cached_token_still_expires():
+    from unittest import mock
+
+    from feed_app import auth
+
+    token = auth.issue_token(7, "secret", ttl=60)
+    assert auth.user_id_from_token(token, "secret") == 7
+    with mock.patch("time.time", return_value=time.time() + 61), pytest.raises(auth.InvalidToken):
+        auth.user_id_from_token(token, "secret")
+    with pytest.raises(auth.InvalidToken):
+        auth.user_id_from_token(token, "another secret")
