@@ -135,7 +135,7 @@ async def bare_push_ceiling(
 # --- bare pika --------------------------------------------------------------------------------
 
 
-async def _open_connection(url: str) -> AsyncioConnection:
+async def open_connection(url: str) -> AsyncioConnection:
     loop = asyncio.get_running_loop()
     opened: asyncio.Future = loop.create_future()
 
@@ -152,14 +152,14 @@ async def _open_connection(url: str) -> AsyncioConnection:
     return await asyncio.wait_for(opened, 10)
 
 
-async def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Await a pika method that takes `callback=` (the same idea as feed_app.broker.Channel)."""
     future = asyncio.get_running_loop().create_future()
     method(*args, callback=lambda reply: future.done() or future.set_result(reply), **kwargs)
     return await asyncio.wait_for(future, 10)
 
 
-async def _open_channel(connection: AsyncioConnection) -> Any:
+async def open_channel(connection: AsyncioConnection) -> Any:
     future = asyncio.get_running_loop().create_future()
     connection.channel(on_open_callback=future.set_result)
     return await asyncio.wait_for(future, 10)
@@ -201,11 +201,11 @@ async def pika_ceiling(
     done = asyncio.get_running_loop().create_future()
     deadline = time.monotonic() + timeout
     try:
-        consumer = await _open_connection(url)
-        publisher = await _open_connection(url)
-        consume_channel = await _open_channel(consumer)
-        await _call(consume_channel.basic_qos, prefetch_count=prefetch)
-        await _call(consume_channel.queue_declare, queue, auto_delete=True, exclusive=True)
+        consumer = await open_connection(url)
+        publisher = await open_connection(url)
+        consume_channel = await open_channel(consumer)
+        await call(consume_channel.basic_qos, prefetch_count=prefetch)
+        await call(consume_channel.queue_declare, queue, auto_delete=True, exclusive=True)
 
         def on_message(channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
             nonlocal received
@@ -214,10 +214,10 @@ async def pika_ceiling(
             if received >= messages and not done.done():
                 done.set_result(time.monotonic())
 
-        await _call(consume_channel.basic_consume, queue, on_message)
-        publish_channel = await _open_channel(publisher)
+        await call(consume_channel.basic_consume, queue, on_message)
+        publish_channel = await open_channel(publisher)
         confirms = _Confirms(window=1000)
-        await _call(publish_channel.confirm_delivery, confirms.on_confirm)
+        await call(publish_channel.confirm_delivery, confirms.on_confirm)
         started = time.monotonic()
         for _ in range(messages):
             await confirms.room(deadline)

@@ -22,10 +22,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import pika
-from pika.adapters.asyncio_connection import AsyncioConnection
 from tornado.websocket import websocket_connect
 
+from bench.ceilings import call, open_channel, open_connection
 from bench.feedclient import summarize
 from bench.population import Population, seed_database
 from bench.processes import ManagedProcess, free_port, wait_ready
@@ -55,22 +54,8 @@ async def time_service(
 
 
 async def time_broker(amqp_url: str, follows: int, connects: int) -> list[float]:
-    loop = asyncio.get_running_loop()
-
-    async def call(method, *args, **kwargs):
-        future = loop.create_future()
-        method(*args, callback=future.set_result, **kwargs)
-        return await asyncio.wait_for(future, 30)
-
-    opened = loop.create_future()
-    connection = AsyncioConnection(
-        pika.URLParameters(amqp_url),
-        on_open_callback=opened.set_result,
-        on_open_error_callback=lambda _c, error: opened.set_exception(error),
-        custom_ioloop=loop,
-    )
-    await opened
-    channel = await call(lambda callback: connection.channel(on_open_callback=callback))
+    connection = await open_connection(amqp_url)
+    channel = await open_channel(connection)
     times = []
     for _ in range(connects):
         queue = f"bench.connect.{secrets.token_hex(4)}"
