@@ -4,6 +4,7 @@ sessions; make_app maps URLs to handlers; start and stop bring it all up and dow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 import re
@@ -21,10 +22,10 @@ from feed_app.relay import OutboxRelay
 from feed_app.sessions import CLOSE_GOING_AWAY, FeedSession, FeedSocket
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("tornado.access")
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent.parent / "static"
 MAX_WS_MESSAGE = 4096  # the client sends nothing; Tornado's default would be 10 MiB
+MAX_BODY = 64 * 1024
 _TOKEN_IN_QUERY = re.compile(r"(token=)[^&]*")
 
 
@@ -37,6 +38,7 @@ class Service:
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
         self.sessions: set[FeedSession] = set()
         self.server: tornado.httpserver.HTTPServer | None = None
+        self.stopping = False
 
     @classmethod
     async def create(cls, settings: Settings) -> Service:
@@ -55,7 +57,12 @@ class Service:
         service.relay.start()
         return service
 
-    def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession:
+    def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession | None:
+        """A session for a socket that passed its checks, or None (the socket is closed with
+        1001) when the handshake finished after shutdown began."""
+        if self.stopping:
+            socket.close(CLOSE_GOING_AWAY, "server shutting down; reconnect with since=")
+            return None
         session = FeedSession(
             user_id,
             socket,
@@ -70,7 +77,8 @@ class Service:
 
     def listen(self, sockets: list | None = None) -> None:
         app = make_app(self)
-        self.server = tornado.httpserver.HTTPServer(app, xheaders=True)
+        # Bodies here are a few hundred bytes of JSON; Tornado would accept 100 MB by default.
+        self.server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=MAX_BODY)
         if sockets is None:
             self.server.listen(self.settings.port, self.settings.host)
         else:
@@ -80,6 +88,7 @@ class Service:
         """Graceful shutdown within settings.shutdown_timeout: stop accepting, close feed sockets
         with 1001 (clients reconnect elsewhere), flush the outbox, close broker and pool."""
         deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.stopping = True
         if self.server:
             self.server.stop()
         for session in list(self.sessions):
@@ -95,19 +104,23 @@ class Service:
             log.warning("broker connection did not close in time")
         await self.db.close()
         if self.server:
-            await asyncio.wait_for(self.server.close_all_connections(), 1)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.server.close_all_connections(), 1)
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log, minus feed tokens (browsers can only pass them in the query)."""
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    request = handler.request
-    uri = _TOKEN_IN_QUERY.sub(r"\1***", request.uri or "")
-    elapsed_ms = 1000.0 * request.request_time()
-    access_log.log(
-        level, "%d %s %s (%s) %.2fms", status, request.method, uri, request.remote_ip, elapsed_ms
-    )
+class RedactTokens(logging.Filter):
+    """Feed tokens travel in the query string (browsers cannot set headers on a websocket), and
+    Tornado logs the URI in its access log and with every uncaught exception: mask them there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = _TOKEN_IN_QUERY.sub(r"\1***", message), ()
+        return True
+
+
+for _logger in ("tornado.access", "tornado.application", "tornado.general"):
+    logging.getLogger(_logger).addFilter(RedactTokens())
 
 
 def make_app(service: Service) -> tornado.web.Application:
@@ -134,7 +147,6 @@ def make_app(service: Service) -> tornado.web.Application:
         ],
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args=s,
-        log_function=log_request,
         websocket_ping_interval=service.settings.ping_interval,
         websocket_ping_timeout=service.settings.ping_interval,
         websocket_max_message_size=MAX_WS_MESSAGE,

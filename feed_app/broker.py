@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import pika
 import pika.channel
+import pika.exceptions
 import pika.frame
 from pika.adapters.asyncio_connection import AsyncioConnection
 
@@ -182,6 +183,7 @@ class Broker:
         self._closed = asyncio.Event()
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._opening: asyncio.Task | None = None
+        self._stopping = False
 
     @staticmethod
     def _parameters_from(url: str) -> pika.URLParameters:
@@ -207,13 +209,15 @@ class Broker:
         return self.state is State.OPEN
 
     async def stop(self) -> None:
+        """Close the connection and stay closed: no reconnect is scheduled from here on."""
+        self._stopping = True
         if self._reconnect_handle:
             self._reconnect_handle.cancel()
-        if self.state is State.CLOSED:
-            return
-        if self._connection and not (self._connection.is_closed or self._connection.is_closing):
-            self.state = State.CLOSING
-            self._connection.close()
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            if not connection.is_closing:
+                self.state = State.CLOSING
+                connection.close()
             await self._closed.wait()
         self.state = State.CLOSED
 
@@ -245,7 +249,7 @@ class Broker:
 
     def _on_connection_open_error(self, _connection: AsyncioConnection, error: Exception) -> None:
         log.warning("cannot connect to RabbitMQ: %s", error or type(error).__name__)
-        if self.state is State.CLOSING:
+        if self._stopping:
             self._closed.set()
         else:
             self._schedule_reconnect()
@@ -253,7 +257,7 @@ class Broker:
     def _on_connection_closed(self, _connection: AsyncioConnection, reason: Exception) -> None:
         was_open = self.state is State.OPEN
         self._forget_channels(reason)
-        if self.state is State.CLOSING:
+        if self._stopping:
             self.state = State.CLOSED
             self._closed.set()
             return
@@ -286,8 +290,13 @@ class Broker:
                 await self._open_channel(connection) for _ in range(setup_count)
             ]
             await self._declare_overflow_queue(self._consume_channels[0])
-        except (BrokerUnavailable, asyncio.TimeoutError):
-            return  # the connection died while opening; _on_connection_closed reconnects
+        except (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError) as exc:
+            # A connection that died is reconnected by _on_connection_closed; one that is still
+            # up but could not set up its channels is closed, so that path reconnects it too.
+            if connection.is_open:
+                log.warning("cannot open channels (%s): reconnecting", exc)
+                connection.close(320, "channel set-up failed; reconnecting")
+            return
         if connection is not self._connection or not connection.is_open:
             return
         if self._attempt:

@@ -161,6 +161,11 @@ class Database:
         sql = "DELETE FROM follows WHERE follower_id = %s AND author_id = %s"
         await self._run(sql, (follower_id, author_id))
 
+    async def is_following(self, follower_id: int, author_id: int) -> bool:
+        sql = "SELECT EXISTS (SELECT 1 FROM follows WHERE follower_id = %s AND author_id = %s)"
+        [(following,)] = await self._run(sql, (follower_id, author_id))
+        return following
+
     async def following(self, user_id: int) -> list[int]:
         sql = "SELECT author_id FROM follows WHERE follower_id = %s"
         return [author_id for (author_id,) in await self._run(sql, (user_id,))]

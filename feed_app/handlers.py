@@ -34,9 +34,14 @@ class ApiError(tornado.web.HTTPError):
         self.message = message
 
 
+def _digits(value: str | None) -> bool:
+    # At most 19 digits before int(): int() refuses (ValueError) past 4300 digits.
+    return value is not None and value.isascii() and value.isdigit() and len(value) <= 19
+
+
 def parse_id(value: str | None, what: str) -> int:
     """A positive bigint from a path or query string; 400 for anything else."""
-    if value is None or not value.isascii() or not value.isdigit() or not 0 < int(value) <= MAX_ID:
+    if not _digits(value) or not 0 < int(value) <= MAX_ID:
         raise ApiError(400, f"{what} must be a positive integer below 2^63")
     return int(value)
 
@@ -44,9 +49,18 @@ def parse_id(value: str | None, what: str) -> int:
 def int_argument(handler: tornado.web.RequestHandler, name: str, default: int, high: int) -> int:
     """A query argument from 0 to high; 400 for anything else."""
     value = handler.get_query_argument(name, str(default))
-    if not (value.isascii() and value.isdigit() and int(value) <= high):
+    if not (_digits(value) and int(value) <= high):
         raise ApiError(400, f"{name} must be an integer from 0 to {high}")
     return int(value)
+
+
+def _storable(text: str) -> bool:
+    """PostgreSQL text holds no NUL, and UTF-8 has no lone surrogates (JSON can carry both)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -73,6 +87,8 @@ class BaseHandler(tornado.web.RequestHandler):
             # bool is an int in Python, but true is not a user id.
             if value is None or not isinstance(value, kind) or isinstance(value, bool):
                 raise ApiError(400, f"field '{name}' is required and must be {kind.__name__}")
+            if kind is str and not _storable(value):
+                raise ApiError(400, f"field '{name}' contains characters that cannot be stored")
         return body
 
     def caller_id(self) -> int:
@@ -157,7 +173,7 @@ class FollowHandler(BaseHandler):
             raise ApiError(400, "you cannot follow or unfollow yourself")
         await self.require_user(author)
         await (self.db.follow if self.follow else self.db.unfollow)(caller, author)
-        await self.service.relay.publish_follow_change(caller, author, self.follow)
+        await self.service.relay.publish_follow_change(caller, author)
         self.finish({"user_id": caller, "author_id": author, "following": self.follow})
 
 
@@ -270,7 +286,8 @@ class FeedSocketHandler(tornado.websocket.WebSocketHandler):
 
     def open(self, user_id: str) -> None:
         self.session = self.service.open_session(self.user_id, self)
-        self.session.start(self.since)
+        if self.session:
+            self.session.start(self.since)
 
     def write_text_frame(self, data: bytes) -> asyncio.Future:
         """write_message() for a post that is already a UTF-8 JSON text frame.

@@ -25,6 +25,7 @@ import pika
 from feed_app.broker import Broker, BrokerUnavailable, control_key
 from feed_app.db import Database, DatabaseUnavailable, Post
 from feed_app.metrics import Metrics
+from feed_app.sessions import FOLLOW_CHANGE
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,11 @@ class OutboxRelay:
 
     # --- follow changes ----------------------------------------------------------------------
 
-    async def publish_follow_change(self, user_id: int, author_id: int, following: bool) -> None:
-        """Tell the user's open sessions, on every instance, to bind or unbind the author. Not in
-        the outbox: if this is lost, the sessions re-read follows when they next heal."""
-        properties = pika.BasicProperties(
-            type="follow" if following else "unfollow", delivery_mode=1
-        )
+    async def publish_follow_change(self, user_id: int, author_id: int) -> None:
+        """Tell the user's open sessions, on every instance, that the follow of this author
+        changed; each checks the database and binds or unbinds. Not in the outbox: if this is
+        lost, the sessions re-read the follows when they next heal."""
+        properties = pika.BasicProperties(type=FOLLOW_CHANGE, delivery_mode=1)
         try:
             await asyncio.wait_for(
                 self.broker.publish(control_key(user_id), str(author_id).encode(), properties), 5

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import pika
+import pika.exceptions
 from tornado.websocket import WebSocketClosedError
 
 from feed_app.broker import POSTS_EXCHANGE, Broker, BrokerUnavailable, Channel, control_key
@@ -38,6 +39,8 @@ CLOSE_GOING_AWAY = 1001  # the server shuts down; reconnect (to another instance
 CLOSE_CLIENT_DATA = 1003  # the client sent a message; the feed is server-to-client
 CLOSE_SERVER_ERROR = 1011  # the database failed mid-session; reconnect with since=
 CLOSE_TOO_SLOW = 4008  # the client fell too far behind; reconnect with since=
+
+FOLLOW_CHANGE = "follow-change"  # AMQP message type: the user's follows of one author changed
 
 
 class FeedSocket(Protocol):
@@ -116,6 +119,7 @@ class FeedSession:
         self._lock = asyncio.Lock()  # one sync or follow change at a time
         self._sync_task: asyncio.Task | None = None
         self._follow_tasks: set[asyncio.Task] = set()
+        self._floor_authors: set[int] = set()  # whom the user followed when the floor was set
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -135,7 +139,11 @@ class FeedSession:
         self.broker.watch_overflow(self.queue, None)
         if self._sync_task:
             self._sync_task.cancel()
-        setup, self.channel, self.setup = self.setup, None, None
+        for channel, method, _properties, _body in self._held or []:
+            channel.ack(method.delivery_tag)  # unacked, they would hold back the channel's acks
+        self._held = None
+        # self.channel stays: deliveries already on their way are acked by _on_message.
+        setup, self.setup = self.setup, None
         if setup and setup.is_open:
             # Deleting the queue also cancels its consumer, and doing it on the setup channel keeps
             # the slow part (dropping every binding) off the channel that carries others' acks.
@@ -182,11 +190,12 @@ class FeedSession:
                     self._history_pending = False
                 else:
                     await self._send_posts_after_floor(sorted(self.following))
+                self._floor_authors = set(self.following)
                 if not self.ready:
                     self.ready = True
                     await self._send({"type": "ready", "following": len(self.following)})
                 self._release_held()
-        except BrokerUnavailable as exc:
+        except (BrokerUnavailable, pika.exceptions.AMQPError) as exc:
             log.info("session %s waits for the broker: %s", self.queue, exc)
         except WebSocketClosedError:
             pass  # the handler's on_close ends the session
@@ -263,16 +272,24 @@ class FeedSession:
             self._handle(channel, method, properties, body)
 
     def _handle(self, channel: Channel, method: Any, properties: Any, body: bytes) -> None:
-        if properties.type in ("follow", "unfollow"):
+        try:
+            if properties.type == FOLLOW_CHANGE:
+                author_id, post_id = int(body), None
+            else:
+                author_id, post_id = int(method.routing_key), int(properties.message_id)
+        except (TypeError, ValueError):
+            # Not ours (another publisher on the vhost?). Raising here would make pika drop the
+            # whole connection, and every session with it.
+            log.warning("session %s drops a malformed message %r", self.queue, properties)
             channel.ack(method.delivery_tag)
-            task = asyncio.ensure_future(
-                self._change_follow(int(body), properties.type == "follow")
-            )
+            return
+        if post_id is None:
+            channel.ack(method.delivery_tag)
+            task = asyncio.ensure_future(self._change_follow(author_id))
             self._follow_tasks.add(task)
             task.add_done_callback(self._follow_tasks.discard)
             return
-        post_id = int(properties.message_id)
-        if int(method.routing_key) not in self.following or not self.seen.add(post_id):
+        if author_id not in self.following or not self.seen.add(post_id):
             channel.ack(method.delivery_tag)
             return
         # The body is already the websocket frame. The ack waits for the write to leave the
@@ -299,11 +316,17 @@ class FeedSession:
             written.exception()  # a failed write means the socket closed; nothing to report
         channel.ack(delivery_tag)
 
-    async def _change_follow(self, author_id: int, follow: bool) -> None:
+    async def _change_follow(self, author_id: int) -> None:
+        """Bring the binding for one author in line with the database. The message only says
+        that something changed: two changes published out of commit order (two tabs) still
+        end in the state the database holds."""
         try:
             async with self._lock:
                 setup = self.setup
-                if self.closed or setup is None or follow == (author_id in self.following):
+                if self.closed or setup is None:
+                    return
+                follow = await self.db.is_following(self.user_id, author_id)
+                if follow == (author_id in self.following):
                     return
                 if follow:
                     setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
@@ -313,14 +336,17 @@ class FeedSession:
                     posts, _ = await self.db.posts_after(
                         [author_id], 0, self.settings.history_size, newest=True
                     )
-                    await self._send_posts(posts, even_below_floor=True)
+                    # Posts below the floor were not sent unless the author was followed when
+                    # the floor was set: then they are settled already.
+                    below = author_id not in self._floor_authors
+                    await self._send_posts(posts, even_below_floor=below)
                 else:
                     self.following.discard(author_id)  # drops posts already in the queue
                     await setup.call(
                         setup.pika.queue_unbind, self.queue, POSTS_EXCHANGE, str(author_id)
                     )
                 await self._send({"type": "following", "following": len(self.following)})
-        except (BrokerUnavailable, WebSocketClosedError):
+        except (BrokerUnavailable, pika.exceptions.AMQPError, WebSocketClosedError):
             pass  # the next sync re-reads the follows; a closed socket ends the session
         except DatabaseUnavailable:
             self.close(CLOSE_SERVER_ERROR, "database unavailable; reconnect with since=")

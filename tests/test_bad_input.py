@@ -1,6 +1,7 @@
 """Bad input gets a clear 4xx with {"error": ...} and changes nothing."""
 
 import json
+import logging
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -9,7 +10,8 @@ from tornado.websocket import websocket_connect
 from feed_app import auth
 from tests.support import PASSWORD
 
-BAD_IDS = ["abc", "0", "-1", "1.5", str(2**63), "%E2%91%A0"]  # the last is a Unicode digit
+# The last two: a Unicode digit, and more digits than int() will parse.
+BAD_IDS = ["abc", "0", "-1", "1.5", str(2**63), "%E2%91%A0", "9" * 5000]
 
 
 async def check_refused(api, cases, db_counts):
@@ -34,6 +36,8 @@ async def test_bad_register_and_login(api, db_counts):
         ("POST", "/user/register", {"body": {"name": "n" * 65, "password": PASSWORD}}, 400),
         ("POST", "/user/register", {"body": {"name": "ann", "password": "short"}}, 400),
         ("POST", "/user/register", {"body": {"name": "ann", "password": None}}, 400),
+        ("POST", "/user/register", {"body": {"name": "a\x00b", "password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"raw": b'{"name": "\\ud800", "password": "longenough"}'}, 400),
         ("POST", "/login", {"body": {"id": str(user.id), "password": PASSWORD}}, 400),
         ("POST", "/login", {"body": {"id": True, "password": PASSWORD}}, 400),
         ("POST", "/login", {"body": {"id": 0, "password": PASSWORD}}, 400),
@@ -72,6 +76,9 @@ async def test_bad_ids_tokens_and_posts(api, settings, db_counts):
         ("POST", "/post/create", {"body": {"text": ""}, "token": user.token}, 400),
         ("POST", "/post/create", {"body": {"text": " \n\t"}, "token": user.token}, 400),
         ("POST", "/post/create", {"body": {"text": "x" * 1001}, "token": user.token}, 400),
+        ("POST", "/post/create", {"body": {"text": "nul \x00"}, "token": user.token}, 400),
+        ("POST", "/post/create", {"raw": b'{"text": "\\udfff"}', "token": user.token}, 400),
+        ("GET", "/post/feed?offset=" + "1" * 5000, {"token": user.token}, 400),
         ("GET", "/post/feed", {}, 401),
         ("GET", "/post/feed?limit=0", {"token": user.token}, 400),
         ("GET", "/post/feed?limit=101", {"token": user.token}, 400),
@@ -106,12 +113,25 @@ async def test_feed_socket_is_refused_before_the_upgrade(api, settings, service)
             "user id must be a positive integer below 2^63",
         ),
         f"/post/feed/{user.id}?token={user.token}&since=x": (400, None),
+        f"/post/feed/{user.id}?token={user.token}&since={'9' * 5000}": (400, None),
     }
     for path, (status, message) in cases.items():
         code, body = await ws_refusal(api, path)
         assert code == status, path
         assert body["error"] == message if message else body["error"], path
     assert not service.sessions
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_feed_tokens_never_reach_the_logs(api, caplog):
+    user = await api.new_user()
+    caplog.set_level(logging.INFO)
+    feed = await api.open_feed(user)
+    feed.close()
+    await ws_refusal(api, f"/post/feed/{user.id}?token={user.token}&since={'9' * 30}")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"/post/feed/{user.id}?token=***" in logged
+    assert user.token not in logged
 
 
 @pytest.mark.gen_test(timeout=30)

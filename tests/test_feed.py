@@ -2,6 +2,7 @@
 
 import asyncio
 
+import pika
 import pytest
 
 from tests.conftest import AMQP_URL
@@ -110,3 +111,37 @@ async def test_two_sessions_share_channels_not_one_each(api, service):
     feeds = [await api.open_feed(user) for user in users for _ in range(4)]
     channels = {session.channel.pika.channel_number for session in service.sessions}
     assert len(feeds) == 12 and len(channels) <= 4
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_following_again_does_not_resend_what_the_session_showed(api):
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    earlier = await api.post(author, "before the session")
+    feed = await api.open_feed(follower)
+    assert feed.history == [earlier]
+    await api.unfollow(follower, author)
+    await feed.wait_message("following")
+    await api.follow(follower, author)
+    await feed._until(lambda: len([m for m in feed.messages if m["type"] == "following"]) == 2, 5)
+    later = await api.post(author, "after following again")
+    assert await feed.wait_posts(1) == [later]  # `earlier` was not sent a second time
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_malformed_message_does_not_cost_the_connection(api, service):
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    feed = await api.open_feed(follower)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, publish_junk, str(author.id))
+    post = await api.post(author, "still delivered")
+    assert await feed.wait_posts(1) == [post]
+    assert service.metrics.broker_reconnects == 0 and service.broker.is_open
+
+
+def publish_junk(routing_key: str) -> None:
+    """A message on the posts exchange that no instance of the service published."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    connection.channel().basic_publish("amq.direct", routing_key, b"junk")
+    connection.close()
