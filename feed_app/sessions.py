@@ -8,6 +8,11 @@ and any id it has already sent, so the hand-over has neither a gap nor a duplica
 
 The same sync runs again whenever the queue was lost (the broker connection dropped): declare,
 bind, then read everything after the horizon. So a broker restart costs a client nothing but time.
+
+A client that reconnects resumes with since=<the last checkpoint>, not the highest id it showed:
+posts can arrive out of id order (a post whose publish failed comes later, from the outbox), so
+"everything up to the highest id shown" is not known to be shown. The checkpoint is the floor,
+below which everything is settled; the client drops the ids it already shows.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from feed_app.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RESUME_PAGE = 500
+CHECKPOINT_EVERY = 256  # deliveries; the floor rises with them once the seen-window is full
 
 # Websocket close codes (documented in the README).
 CLOSE_GOING_AWAY = 1001  # the server shuts down; reconnect (to another instance)
@@ -118,8 +124,10 @@ class FeedSession:
         self._held: list[tuple[Channel, Any, pika.BasicProperties, bytes]] | None = []
         self._lock = asyncio.Lock()  # one sync or follow change at a time
         self._sync_task: asyncio.Task | None = None
-        self._follow_tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # follow changes and checkpoints in flight
         self._floor_authors: set[int] = set()  # whom the user followed when the floor was set
+        self._checkpoint = 0  # the floor last sent to the client as a resume point
+        self._deliveries_since_checkpoint = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -194,6 +202,7 @@ class FeedSession:
                 if not self.ready:
                     self.ready = True
                     await self._send({"type": "ready", "following": len(self.following)})
+                await self._send_checkpoint()
                 self._release_held()
         except (BrokerUnavailable, pika.exceptions.AMQPError) as exc:
             log.info("session %s waits for the broker: %s", self.queue, exc)
@@ -252,6 +261,12 @@ class FeedSession:
     async def _send(self, message: dict[str, Any]) -> None:
         await self.socket.write_message(json.dumps(message))
 
+    async def _send_checkpoint(self) -> None:
+        self._deliveries_since_checkpoint = 0
+        if self.seen.floor > self._checkpoint:
+            self._checkpoint = self.seen.floor
+            await self._send({"type": "checkpoint", "since": self._checkpoint})
+
     def _release_held(self) -> None:
         held, self._held = self._held or [], None
         for channel, method, properties, body in held:
@@ -285,9 +300,7 @@ class FeedSession:
             return
         if post_id is None:
             channel.ack(method.delivery_tag)
-            task = asyncio.ensure_future(self._change_follow(author_id))
-            self._follow_tasks.add(task)
-            task.add_done_callback(self._follow_tasks.discard)
+            self._spawn(self._change_follow(author_id))
             return
         if author_id not in self.following or not self.seen.add(post_id):
             channel.ack(method.delivery_tag)
@@ -306,9 +319,28 @@ class FeedSession:
                 lambda future: self._ack(channel, method.delivery_tag, future)
             )
         self.metrics.deliveries += 1
+        self._deliveries_since_checkpoint += 1
+        if (
+            self._deliveries_since_checkpoint >= CHECKPOINT_EVERY
+            and self.seen.floor > self._checkpoint
+        ):
+            self._spawn(self._send_checkpoint())
         created_ms = (properties.headers or {}).get("created_ms")
         if created_ms:
             self.metrics.delivery_latency.observe(max(0.0, time.time() - created_ms / 1000))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, WebSocketClosedError):
+            log.error("session %s: task failed", self.queue, exc_info=error)
 
     @staticmethod
     def _ack(channel: Channel, delivery_tag: int, written: asyncio.Future) -> None:

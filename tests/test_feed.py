@@ -145,3 +145,23 @@ def publish_junk(routing_key: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     connection.channel().basic_publish("amq.direct", routing_key, b"junk")
     connection.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_resuming_from_the_checkpoint_keeps_a_post_that_arrives_out_of_id_order(api, service):
+    """A post committed but not yet published (its writer died; the outbox holds it) has a
+    lower id than a later post that is shown at once. Resuming after the highest id shown would
+    skip it for good; the checkpoint the server sends is below it."""
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    feed = await api.open_feed(follower)
+    checkpoint = (await feed.wait_message("checkpoint"))["since"]
+    stuck = await service.db.insert_post(author.id, "committed, not published", lease=60)
+    shown = await api.post(author, "published at once")
+    assert await feed.wait_posts(1) == [shown] and stuck.id < shown["id"]
+    feed.close()
+
+    resumed = await api.open_feed(follower, since=checkpoint)
+    assert [post["id"] for post in resumed.history] == [stuck.id, shown["id"]]
+    skipped = await api.open_feed(follower, since=shown["id"])
+    assert skipped.history == []  # what the highest shown id would have missed
