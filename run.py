@@ -93,6 +93,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     if settings.uses_dev_secret:
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.error("set FEED_JWT_SECRET: the development secret is refused off loopback")
+            return 2
         log.warning(
             "FEED_JWT_SECRET is not set: using the development secret (never in production)"
         )
