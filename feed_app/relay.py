@@ -60,7 +60,6 @@ class OutboxRelay:
         self._tasks: set[asyncio.Task] = set()
         self._wake_deleter = asyncio.Event()
         self._wake_sweeper = asyncio.Event()
-        self._stopping = False
 
     def start(self) -> None:
         self.broker.listeners.add(self)
