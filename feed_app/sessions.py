@@ -225,15 +225,22 @@ class FeedSession:
             arguments=arguments,
         )
         self.broker.watch_overflow(self.queue, self.on_overflow)
-        # The control key first: a follow made while we read the follows list still reaches us.
         setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, control_key(self.user_id))
-        self.following = set(await self.db.following(self.user_id))
-        # Without a callback, queue_bind is sent without waiting: all binds go out in one burst.
-        # The passive declare waits for its reply, and the broker answers a channel's commands in
-        # order, so when it returns every binding is in place.
-        for author_id in self.following:
-            setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
-        await setup.call(setup.pika.queue_declare, self.queue, passive=True)
+        self.following = set()
+        latest = set(await self.db.following(self.user_id))
+        while True:
+            # Without a callback, queue_bind is sent without waiting: all binds go out in one
+            # burst. The passive declare waits for its reply, and the broker answers a channel's
+            # commands in order, so when it returns every binding is in place.
+            for author_id in latest - self.following:
+                setup.pika.queue_bind(self.queue, POSTS_EXCHANGE, str(author_id))
+            await setup.call(setup.pika.queue_declare, self.queue, passive=True)
+            self.following = latest
+            # Only now is the control key surely bound: a follow changed after the read above
+            # was announced to nobody. Read again; changes after this read reach us as messages.
+            latest = set(await self.db.following(self.user_id))
+            if latest == self.following:
+                break
         await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         if channel is not self.channel or not channel.is_open:
             raise BrokerUnavailable("connection lost while binding")

@@ -165,3 +165,28 @@ async def test_resuming_from_the_checkpoint_keeps_a_post_that_arrives_out_of_id_
     assert [post["id"] for post in resumed.history] == [stuck.id, shown["id"]]
     skipped = await api.open_feed(follower, since=shown["id"])
     assert skipped.history == []  # what the highest shown id would have missed
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_follow_made_while_the_session_reads_its_follows_is_not_missed(
+    api, service, monkeypatch
+):
+    """A follow committed just after the session read the list, announced before the session's
+    control binding was in place (so to nobody): the session must still bind that author."""
+    author, follower = await api.new_user(), await api.new_user()
+    read_following = service.db.following
+    reads = 0
+
+    async def following_then_a_follow_lands(user_id: int) -> list[int]:
+        nonlocal reads
+        result = await read_following(user_id)
+        reads += 1
+        if reads == 1:
+            await service.db.follow(follower.id, author.id)  # and no announcement
+        return result
+
+    monkeypatch.setattr(service.db, "following", following_then_a_follow_lands)
+    feed = await api.open_feed(follower)
+    assert feed.ready["following"] == 1
+    post = await api.post(author, "from the author followed mid-read")
+    assert await feed.wait_posts(1) == [post]
