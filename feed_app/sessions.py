@@ -187,15 +187,15 @@ class FeedSession:
         try:
             async with self._lock:
                 if not self.broker.is_open:
-                    return  # on_broker_open runs the sync again
+                    # PostgreSQL has the history even while the broker is away. on_broker_open
+                    # binds and reads on from the horizon, so nothing falls in between.
+                    if self._history_pending:
+                        self.following = set(await self.db.following(self.user_id))
+                        await self._send_history()
+                    return
                 await self._bind_queue()
                 if self._history_pending:
-                    posts, horizon = await self.db.posts_after(
-                        sorted(self.following), 0, self.settings.history_size, newest=True
-                    )
-                    await self._send_posts(posts)
-                    self.seen.raise_floor(horizon)
-                    self._history_pending = False
+                    await self._send_history()
                 else:
                     await self._send_posts_after_floor(sorted(self.following))
                 self._floor_authors = set(self.following)
@@ -244,6 +244,14 @@ class FeedSession:
         await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         if channel is not self.channel or not channel.is_open:
             raise BrokerUnavailable("connection lost while binding")
+
+    async def _send_history(self) -> None:
+        posts, horizon = await self.db.posts_after(
+            sorted(self.following), 0, self.settings.history_size, newest=True
+        )
+        await self._send_posts(posts)
+        self.seen.raise_floor(horizon)
+        self._history_pending = False
 
     async def _send_posts_after_floor(self, authors: list[int]) -> None:
         """Everything these authors posted after the floor, page by page, then raise the floor."""

@@ -159,6 +159,34 @@ async def test_broker_outage_loses_no_post_and_keeps_sockets_open(api, service, 
     assert len(service.sessions) == 2
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_feed_opened_while_the_broker_is_away_gets_history_then_goes_live(
+    api, service, amqp_proxy
+):
+    """Proves: PostgreSQL alone serves the history of a socket opened during a broker outage;
+    `ready` and live posts follow once the broker is back, and a post made in between arrives
+    exactly once."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    old = (await api.post(author, "before the outage"))["id"]
+    amqp_proxy.disable()
+    await wait_for(lambda: not service.broker.is_open, 5, "the service notices the outage")
+
+    ws = await websocket_connect(f"{api.ws_url}/post/feed/{reader.id}?token={reader.token}")
+    feed = Feed(ws)
+    await until(feed, lambda: old in ids_of(feed.history), 5, "history without the broker")
+    assert feed.ready is None
+    between = (await api.post(author, "during the outage"))["id"]
+
+    amqp_proxy.enable()
+    await feed.wait_ready(10)
+    after = (await api.post(author, "after the outage"))["id"]
+    await until(feed, lambda: after in ids_of(feed.posts), 10, "live after the outage")
+    # `between` comes with the catch-up read when the broker is back (before `ready`).
+    everything = ids_of(feed.history) + ids_of(feed.posts)
+    assert_exactly_once(everything, [old, between, after], "the feed")
+
+
 # --- 2. ten forced disconnects under steady posting -----------------------------------------------
 
 # Seconds the broker stays unreachable at each of the ten disconnects (0: the connections are cut
