@@ -252,7 +252,9 @@ class FeedClient:
             if not self.ready.done():
                 self.ready.set_result(True)
             return
-        self.tracker.on_post_frame(self.index, message, now)
+        if message.startswith(('{"type": "post"', '{"type":"post"')):
+            self.tracker.on_post_frame(self.index, message, now)
+        # other frames (checkpoint, following) carry no post
 
     def _on_closed(self) -> None:
         if self.closed:
