@@ -4,7 +4,6 @@ read on demand, and one latency histogram are all this service needs."""
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
 
 
 class Histogram:
@@ -36,9 +35,9 @@ class Metrics:
         self.delivery_latency = Histogram(
             [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5]
         )
-        self.gauges: dict[str, Callable[[], float]] = {}
 
-    def render(self, extra: dict[str, float]) -> str:
+    def render(self, gauges: dict[str, float]) -> str:
+        """The counters and histogram, plus gauges the caller reads at scrape time."""
         counters = {
             "feed_deliveries_total": ("posts written to feed sockets", self.deliveries),
             "feed_publishes_total": ("posts confirmed by the broker", self.publishes),
@@ -48,7 +47,7 @@ class Metrics:
         lines = []
         for name, (text, value) in counters.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
-        for name, value in {**{n: read() for n, read in self.gauges.items()}, **extra}.items():
+        for name, value in gauges.items():
             lines += [f"# TYPE {name} gauge", f"{name} {value}"]
         name = "feed_create_to_send_seconds"
         lines += [f"# HELP {name} post creation to websocket write", f"# TYPE {name} histogram"]
