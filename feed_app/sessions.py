@@ -172,7 +172,7 @@ class FeedSession:
     def on_overflow(self) -> None:
         log.info("session %s fell behind; closing it", self.queue)
         self.metrics.slow_client_closes += 1
-        self.close(CLOSE_TOO_SLOW, "too slow: reconnect with since=<last post id>")
+        self.close(CLOSE_TOO_SLOW, "too slow: reconnect with since=<last checkpoint>")
 
     # --- sync: bind first, then read, then release live posts ----------------------------------
 
