@@ -7,26 +7,25 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-import re
 import time
 
 import tornado.httpserver
 import tornado.web
 
-from feed_app import handlers
+from feed_app import edge, handlers
 from feed_app.broker import Broker
 from feed_app.config import Settings
 from feed_app.db import Database
+from feed_app.feed_socket import FeedSocketHandler
 from feed_app.metrics import Metrics
 from feed_app.relay import OutboxRelay
-from feed_app.sessions import CLOSE_GOING_AWAY, FeedSession, FeedSocket
+from feed_app.sessions import FeedSession, FeedSocket
+from feed_app.wire import Close
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent.parent / "static"
 MAX_WS_MESSAGE = 4096  # the client sends nothing; Tornado's default would be 10 MiB
-MAX_BODY = 64 * 1024
-_TOKEN_IN_QUERY = re.compile(r"(token=)[^&]*")
 
 
 class Service:
@@ -61,7 +60,7 @@ class Service:
         """A session for a socket that passed its checks, or None (the socket is closed with
         1001) when the handshake finished after shutdown began."""
         if self.stopping:
-            socket.close(CLOSE_GOING_AWAY, "server shutting down; reconnect with since=")
+            socket.close(Close.GOING_AWAY, Close.GOING_AWAY.reason)
             return None
         session = FeedSession(
             user_id,
@@ -77,8 +76,9 @@ class Service:
 
     def listen(self, sockets: list | None = None) -> None:
         app = make_app(self)
-        # Bodies here are a few hundred bytes of JSON; Tornado would accept 100 MB by default.
-        self.server = tornado.httpserver.HTTPServer(app, xheaders=True, max_body_size=MAX_BODY)
+        self.server = tornado.httpserver.HTTPServer(
+            app, xheaders=True, max_body_size=edge.MAX_READ_BODY
+        )
         if sockets is None:
             self.server.listen(self.settings.port, self.settings.host)
         else:
@@ -92,7 +92,7 @@ class Service:
         if self.server:
             self.server.stop()
         for session in list(self.sessions):
-            session.close(CLOSE_GOING_AWAY, "server shutting down; reconnect with since=")
+            session.close(Close.GOING_AWAY)
         try:
             await self.relay.flush(deadline)
         except Exception as exc:  # shutdown goes on; the lease hands leftovers to another process
@@ -108,28 +108,13 @@ class Service:
                 await asyncio.wait_for(self.server.close_all_connections(), 1)
 
 
-class RedactTokens(logging.Filter):
-    """Feed tokens travel in the query string (browsers cannot set headers on a websocket), and
-    Tornado logs the URI in its access log and with every uncaught exception: mask them there."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = _TOKEN_IN_QUERY.sub(r"\1***", message), ()
-        return True
-
-
-for _logger in ("tornado.access", "tornado.application", "tornado.general"):
-    logging.getLogger(_logger).addFilter(RedactTokens())
-
-
 def make_app(service: Service) -> tornado.web.Application:
     s = {"service": service}
-    return tornado.web.Application(
+    return edge.FeedApplication(
         [
             (
                 r"/()",
-                tornado.web.StaticFileHandler,
+                handlers.StaticPage,
                 {"path": STATIC_DIR, "default_filename": "index.html"},
             ),
             (r"/user/register", handlers.RegisterHandler, s),
@@ -140,7 +125,7 @@ def make_app(service: Service) -> tornado.web.Application:
             (r"/post/create", handlers.CreatePostHandler, s),
             (r"/post/get/([^/]+)", handlers.PostHandler, s),
             (r"/post/feed", handlers.FeedPageHandler, s),
-            (r"/post/feed/([^/]+)", handlers.FeedSocketHandler, s),
+            (r"/post/feed/([^/]+)", FeedSocketHandler, s),
             (r"/healthz", handlers.HealthHandler, s),
             (r"/readyz", handlers.ReadyHandler, s),
             (r"/metrics", handlers.MetricsHandler, s),

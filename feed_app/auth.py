@@ -7,10 +7,13 @@ import base64
 import functools
 import hashlib
 import hmac
+import math
 import os
 import time
 
 import jwt
+
+from feed_app.wire import MAX_ID
 
 # scrypt with n=2**14, r=8 costs ~16 MiB and some tens of milliseconds per hash: slow for an
 # attacker with a stolen table, and run in a thread so the event loop never waits for it.
@@ -72,8 +75,16 @@ def _verified_claims(token: str, secret: str) -> tuple[int, int]:
         claims = jwt.decode(
             token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
         )
-        return int(claims["sub"]), int(claims["exp"])
     except jwt.ExpiredSignatureError as exc:
         raise InvalidToken("token expired") from exc
-    except (jwt.InvalidTokenError, ValueError) as exc:
+    # PyJWT lets TypeError and OverflowError out of malformed (but signed) iat/nbf/exp claims.
+    except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError) as exc:
         raise InvalidToken("invalid token") from exc
+    sub, exp = claims["sub"], claims["exp"]
+    if not (isinstance(sub, str) and sub.isascii() and sub.isdigit() and len(sub) <= 19):
+        raise InvalidToken("invalid token")
+    if not 0 < int(sub) <= MAX_ID:
+        raise InvalidToken("invalid token")
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        raise InvalidToken("invalid token")
+    return int(sub), int(exp)

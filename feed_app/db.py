@@ -27,6 +27,11 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (or answered too slowly); the caller answers 503."""
 
 
+class UnknownUser(Exception):
+    """A row would refer to a user that does not exist: a validly signed token of a user who is
+    not in this database (it was recreated, or another deployment shares the secret)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Post:
     id: int
@@ -155,7 +160,10 @@ class Database:
 
     async def follow(self, follower_id: int, author_id: int) -> None:
         sql = "INSERT INTO follows (follower_id, author_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-        await self._run(sql, (follower_id, author_id))  # idempotent, so safe to retry
+        try:
+            await self._run(sql, (follower_id, author_id))  # idempotent, so safe to retry
+        except psycopg2.errors.ForeignKeyViolation as exc:
+            raise UnknownUser(f"user {follower_id} or {author_id} does not exist") from exc
 
     async def unfollow(self, follower_id: int, author_id: int) -> None:
         sql = "DELETE FROM follows WHERE follower_id = %s AND author_id = %s"
@@ -192,7 +200,10 @@ class Database:
             )
             SELECT {_POST_COLUMNS} FROM post"""
         params = {"author": author_id, "text": text, "lease": lease}
-        [row] = await self._run(sql, params, retry=False)
+        try:
+            [row] = await self._run(sql, params, retry=False)
+        except psycopg2.errors.ForeignKeyViolation as exc:
+            raise UnknownUser(f"user {author_id} does not exist") from exc
         return Post(*row)
 
     async def get_post(self, post_id: int) -> Post | None:

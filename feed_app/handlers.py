@@ -1,27 +1,24 @@
-"""HTTP handlers: JSON in and out, every error as {"error": "..."}, plus the feed websocket."""
+"""HTTP handlers: JSON in and out, every error as {"error": "..."}."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-import tornado.iostream
 import tornado.web
-import tornado.websocket
 
 from feed_app import auth
-from feed_app.db import DatabaseUnavailable
-from feed_app.sessions import CLOSE_CLIENT_DATA, FeedSession
+from feed_app.db import DatabaseUnavailable, UnknownUser
+from feed_app.wire import MAX_ID
 
 if TYPE_CHECKING:
     from feed_app.app import Service
 
 log = logging.getLogger(__name__)
 
-MAX_ID = 2**63 - 1  # PostgreSQL bigint
+MAX_BODY = 64 * 1024  # request bodies here are a few hundred bytes of JSON
 MAX_POST_LENGTH = 1000
 MAX_NAME_LENGTH = 64
 PASSWORD_LENGTH = (8, 128)
@@ -63,7 +60,48 @@ def _storable(text: str) -> bool:
     return "\x00" not in text
 
 
-class BaseHandler(tornado.web.RequestHandler):
+def error_message(status_code: int, exc: BaseException | None, reason: str) -> str:
+    """The text of the {"error"} body for an exception a handler raised (or Tornado did)."""
+    if isinstance(exc, ApiError):
+        return exc.message
+    if isinstance(exc, DatabaseUnavailable):
+        return "database unavailable, try again shortly"
+    if isinstance(exc, UnknownUser):
+        return "the user of this token does not exist"
+    if status_code < 500:
+        return reason  # Tornado's own refusals: 405, a path or query that is not UTF-8, ...
+    return "internal server error"
+
+
+def error_status(status_code: int, exc: BaseException | None) -> int:
+    if isinstance(exc, DatabaseUnavailable):
+        return 503
+    if isinstance(exc, UnknownUser):
+        return 401
+    return status_code
+
+
+class JsonErrors(tornado.web.RequestHandler):
+    """Every error a handler sends, Tornado's own included, is {"error": "..."}."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_status(error_status(status_code, exc))
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish({"error": error_message(status_code, exc, self._reason)})
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, DatabaseUnavailable | UnknownUser):
+            log.warning("%s %s: %s", self.request.method, self.request.path, value)
+        else:
+            super().log_exception(typ, value, tb)
+
+
+class StaticPage(JsonErrors, tornado.web.StaticFileHandler):
+    """The browser client; other methods than GET and HEAD get a JSON 405 too."""
+
+
+class BaseHandler(JsonErrors):
     def initialize(self, service: Service) -> None:
         self.service = service
 
@@ -74,12 +112,20 @@ class BaseHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
 
+    def prepare(self) -> None:
+        # A declared Content-Length over the cap is refused before the body is read (app.py);
+        # a chunked body is only known once read.
+        if len(self.request.body) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+
     def json_body(self, fields: dict[str, type]) -> dict[str, Any]:
         """The request's JSON object, with each named field present and of its type."""
         try:
             body = json.loads(self.request.body or b"")
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "request body must be valid JSON") from exc
+        except RecursionError as exc:
+            raise ApiError(400, "request body is nested too deeply") from exc
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         for name, kind in fields.items():
@@ -104,27 +150,6 @@ class BaseHandler(tornado.web.RequestHandler):
     async def require_user(self, user_id: int) -> None:
         if await self.db.get_user(user_id) is None:
             raise ApiError(404, f"user {user_id} not found")
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            message = exc.message
-        elif isinstance(exc, DatabaseUnavailable):
-            self.set_status(503)
-            message = "database unavailable, try again shortly"
-        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
-            message = self._reason
-        else:
-            message = "internal server error"
-        self.finish({"error": message})
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, DatabaseUnavailable):
-            log.warning(
-                "%s %s: database unavailable: %s", self.request.method, self.request.path, value
-            )
-        else:
-            super().log_exception(typ, value, tb)
 
 
 class RegisterHandler(BaseHandler):
@@ -241,76 +266,7 @@ class MetricsHandler(BaseHandler):
         self.finish(self.service.metrics.render(extra))
 
 
-class FeedSocketHandler(tornado.websocket.WebSocketHandler):
-    """GET /post/feed/<user_id>?token=...[&since=<post id>]: the live feed of one user.
-
-    Everything is checked before the upgrade, so a refused client gets an HTTP status and a JSON
-    error rather than a socket that opens and closes at once.
-    """
-
-    def initialize(self, service: Service) -> None:
-        self.service = service
-        self.session: FeedSession | None = None
-        self.since: int | None = None
-
-    async def get(self, user_id: str) -> None:
-        try:
-            await self._authorize(user_id)
-        except ApiError as exc:
-            return self._refuse(exc.status_code, exc.message)
-        except DatabaseUnavailable:
-            return self._refuse(503, "database unavailable, try again shortly")
-        await super().get(user_id)
-
-    def _refuse(self, status: int, message: str) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish({"error": message})
-
-    async def _authorize(self, user_id_text: str) -> None:
-        user_id = parse_id(user_id_text, "user id")
-        token = self.get_query_argument("token", "")
-        if not token:
-            raise ApiError(401, "missing token query parameter")
-        try:
-            token_user = auth.user_id_from_token(token, self.service.settings.jwt_secret)
-        except auth.InvalidToken as exc:
-            raise ApiError(401, str(exc)) from exc
-        if token_user != user_id:
-            raise ApiError(403, "token belongs to another user")
-        if await self.service.db.get_user(user_id) is None:
-            raise ApiError(404, f"user {user_id} not found")
-        if self.get_query_argument("since", None) is not None:
-            self.since = int_argument(self, "since", 0, MAX_ID)
-        self.user_id = user_id
-
-    def open(self, user_id: str) -> None:
-        self.session = self.service.open_session(self.user_id, self)
-        if self.session:
-            self.session.start(self.since)
-
-    def write_text_frame(self, data: bytes) -> asyncio.Future:
-        """write_message() for a post that is already a UTF-8 JSON text frame.
-
-        write_message() wraps every write in a coroutine and a Task only to rename an exception;
-        at thousands of deliveries a second that Task cost more than the write. This calls the
-        frame writer underneath it (tornado is pinned) and returns the stream's own future.
-        """
-        if self.ws_connection is None or self.ws_connection.is_closing():
-            raise tornado.websocket.WebSocketClosedError()
-        try:
-            return self.ws_connection._write_frame(True, 0x1, data)
-        except tornado.iostream.StreamClosedError as exc:
-            raise tornado.websocket.WebSocketClosedError() from exc
-
-    def on_message(self, message: str | bytes) -> None:
-        self.close(CLOSE_CLIENT_DATA, "the feed is server-to-client; do not send messages")
-
-    def on_close(self) -> None:
-        if self.session:
-            self.session.close()
-
-
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
+        super().prepare()
         raise ApiError(404, f"no such endpoint: {self.request.method} {self.request.path}")

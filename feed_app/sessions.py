@@ -34,17 +34,12 @@ from feed_app.broker import POSTS_EXCHANGE, Broker, BrokerUnavailable, Channel, 
 from feed_app.config import Settings
 from feed_app.db import Database, DatabaseUnavailable, Post
 from feed_app.metrics import Metrics
+from feed_app.wire import Close
 
 log = logging.getLogger(__name__)
 
 RESUME_PAGE = 500
 CHECKPOINT_EVERY = 256  # deliveries; the floor rises with them once the seen-window is full
-
-# Websocket close codes (documented in the README).
-CLOSE_GOING_AWAY = 1001  # the server shuts down; reconnect (to another instance)
-CLOSE_CLIENT_DATA = 1003  # the client sent a message; the feed is server-to-client
-CLOSE_SERVER_ERROR = 1011  # the database failed mid-session; reconnect with since=
-CLOSE_TOO_SLOW = 4008  # the client fell too far behind; reconnect with since=
 
 FOLLOW_CHANGE = "follow-change"  # AMQP message type: the user's follows of one author changed
 
@@ -138,8 +133,9 @@ class FeedSession:
         self.broker.listeners.add(self)
         self._resync()
 
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        """End the session: the consumer is cancelled and the queue deleted, however it ended."""
+    def close(self, code: Close | None = None) -> None:
+        """End the session: the consumer is cancelled and the queue deleted, however it ended.
+        With a code, the socket is closed with it; without, the socket is closed already."""
         if self.closed:
             return
         self.closed = True
@@ -158,7 +154,7 @@ class FeedSession:
             # Were the connection gone, the exclusive queue would have gone with it.
             setup.pika.queue_delete(self.queue)
         if code is not None:
-            self.socket.close(code, reason)
+            self.socket.close(code, code.reason)
         self.on_closed(self)
 
     def on_broker_open(self) -> None:
@@ -172,7 +168,7 @@ class FeedSession:
     def on_overflow(self) -> None:
         log.info("session %s fell behind; closing it", self.queue)
         self.metrics.slow_client_closes += 1
-        self.close(CLOSE_TOO_SLOW, "too slow: reconnect with since=<last checkpoint>")
+        self.close(Close.TOO_SLOW)
 
     # --- sync: bind first, then read, then release live posts ----------------------------------
 
@@ -210,7 +206,7 @@ class FeedSession:
             pass  # the handler's on_close ends the session
         except DatabaseUnavailable as exc:
             log.warning("session %s: database unavailable: %s", self.queue, exc)
-            self.close(CLOSE_SERVER_ERROR, "database unavailable; reconnect with since=")
+            self.close(Close.SERVER_ERROR)
 
     async def _bind_queue(self) -> None:
         channel, setup = self.broker.session_channels()
@@ -396,4 +392,4 @@ class FeedSession:
         except (BrokerUnavailable, pika.exceptions.AMQPError, WebSocketClosedError):
             pass  # the next sync re-reads the follows; a closed socket ends the session
         except DatabaseUnavailable:
-            self.close(CLOSE_SERVER_ERROR, "database unavailable; reconnect with since=")
+            self.close(Close.SERVER_ERROR)

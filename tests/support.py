@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import secrets
+import urllib.parse
 from typing import Any
 
 import pika
@@ -71,9 +72,10 @@ class Api:
 
     async def open_feed(self, user: User, since: int | None = None, timeout: float = 10) -> Feed:
         query = f"?token={user.token}" + ("" if since is None else f"&since={since}")
-        ws = await asyncio.wait_for(
-            websocket_connect(f"{self.ws_url}/post/feed/{user.id}{query}"), timeout
-        )
+        return await self.open_feed_at(f"/post/feed/{user.id}{query}", timeout)
+
+    async def open_feed_at(self, path: str, timeout: float = 10) -> Feed:
+        ws = await asyncio.wait_for(websocket_connect(self.ws_url + path), timeout)
         feed = Feed(ws)
         await feed.wait_ready(timeout)
         return feed
@@ -161,3 +163,37 @@ async def wait_queue_gone(amqp_url: str, name: str, timeout: float = 5) -> None:
     while await loop.run_in_executor(None, queue_exists, amqp_url, name):
         assert loop.time() < deadline, f"queue {name} still exists after {timeout} s"
         await asyncio.sleep(0.05)
+
+
+def upgrade_request(path: str, host: str, **headers: str) -> bytes:
+    """A websocket upgrade request as a browser sends it; keyword arguments add or replace
+    headers (underscores for dashes; an empty value leaves the header out)."""
+    fields = {
+        "Host": host,
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    fields.update({name.replace("_", "-"): value for name, value in headers.items()})
+    lines = [f"GET {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in fields.items() if v]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def raw_http(base_url: str, request: bytes, timeout: float = 5) -> tuple[int, dict, bytes]:
+    """Send bytes as they are and read the answer: status, headers (lower-case names), body."""
+    url = urllib.parse.urlsplit(base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = dict(
+            (name.strip().lower(), value.strip())
+            for name, _, value in (line.partition(":") for line in header_lines if line)
+        )
+        length = int(headers.get("content-length", 0))
+        body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+        return int(status_line.split()[1]), headers, body
+    finally:
+        writer.close()

@@ -2,13 +2,16 @@
 
 import json
 import logging
+import time
 
+import jwt
 import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from feed_app import auth
-from tests.support import PASSWORD
+from feed_app.handlers import MAX_BODY
+from tests.support import PASSWORD, raw_http, upgrade_request
 
 # The last two: a Unicode digit, and more digits than int() will parse.
 BAD_IDS = ["abc", "0", "-1", "1.5", str(2**63), "%E2%91%A0", "9" * 5000]
@@ -143,3 +146,99 @@ async def test_client_messages_and_oversized_frames_close_the_feed(api):
     feed = await api.open_feed(user)
     feed.ws.write_message('{"type": "post"}')
     assert await feed.wait_closed() == 1003
+
+
+def signed(settings, **claims) -> str:
+    """A token with exactly these claims, signed with the service's own secret."""
+    return jwt.encode(claims, settings.jwt_secret, "HS256")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_signed_tokens_with_bad_claims_and_deep_json_get_4xx(api, settings, db_counts):
+    user, other = await api.new_user(), await api.new_user()
+    soon = int(time.time()) + 60
+    ghost = signed(settings, sub=str(10**15 + 7), exp=soon)  # signed, but no such user here
+    bad_tokens = [
+        signed(settings, sub=str(2**63), exp=soon),
+        signed(settings, sub="-5", exp=soon),
+        signed(settings, sub=str(user.id), exp="soon"),
+        signed(settings, sub=str(user.id), exp=[soon]),
+        signed(settings, sub=str(user.id), exp=soon, iat="yesterday"),
+        signed(settings, sub=str(user.id), exp=soon, iat=[1]),
+        signed(settings, sub=str(user.id), exp=soon, nbf={"a": 1}),
+        signed(settings, sub=str(user.id), exp=1e400),
+    ]
+    deep = b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    cases = [
+        ("POST", "/post/create", {"body": {"text": "hi"}, "token": ghost}, 401),
+        ("PUT", f"/friend/set/{other.id}", {"token": ghost}, 401),
+        *(("POST", "/post/create", {"body": {"text": "hi"}, "token": t}, 401) for t in bad_tokens),
+        *(("PUT", f"/friend/set/{other.id}", {"token": t}, 401) for t in bad_tokens),
+        *(("GET", "/post/feed", {"token": t}, 401) for t in bad_tokens),
+        ("POST", "/post/create", {"raw": deep, "token": user.token}, 400),
+        ("POST", "/user/register", {"raw": b"[" * 100_00}, 400),
+        ("POST", "/login", {"raw": b'{"id": ' + b"{" * 3000}, 400),
+    ]
+    await check_refused(api, cases, db_counts)
+    for token in [*bad_tokens, ghost]:
+        code, body = await ws_refusal(api, f"/post/feed/{user.id}?token={token}")
+        assert code in (401, 403) and body["error"], (token, code, body)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_tornados_own_refusals_are_json_too(api, db_counts):
+    user = await api.new_user()
+    host = api.base_url.removeprefix("http://")
+    feed = f"/post/feed/{user.id}?token={user.token}"
+    before = db_counts()
+    requests = {
+        "no upgrade": (f"GET {feed} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), 400),
+        "%ff id": (upgrade_request(f"/post/feed/%ff?token={user.token}", host), 400),
+        "%ff since": (upgrade_request(feed + "&since=%ff", host), 400),
+        "cross-site": (upgrade_request(feed, host, Origin="https://evil.example"), 403),
+        "version 12": (upgrade_request(feed, host, Sec_WebSocket_Version="12"), 426),
+        "no key": (upgrade_request(feed, host, Sec_WebSocket_Key=""), 400),
+        "POST feed": (f"POST {feed} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), 405),
+        "DELETE feed": (f"DELETE {feed} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), 405),
+        "POST /": (f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode(), 405),
+        "declared body over the cap": (
+            f"POST /user/register HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode(),
+            413,
+        ),
+        "chunked body over the cap": (
+            f"POST /user/register HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"{MAX_BODY + 1:x}\r\n".encode()
+            + b"x" * (MAX_BODY + 1)
+            + b"\r\n0\r\n\r\n",
+            413,
+        ),
+    }
+    for name, (request, status) in requests.items():
+        code, headers, body = await raw_http(api.base_url, request)
+        assert code == status, (name, code, body)
+        assert headers["content-type"].startswith("application/json"), (name, headers)
+        assert json.loads(body)["error"], (name, body)
+    assert db_counts() == before
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_tokens_are_redacted_whatever_the_spelling_of_the_parameter(api, caplog):
+    user = await api.new_user()
+    caplog.set_level(logging.INFO)
+    feed = await api.open_feed_at(f"/post/feed/{user.id}?%74oken={user.token}")
+    feed.close()
+    await ws_refusal(api, f"/post/feed/{user.id}?TOKEN={user.token}")
+    await ws_refusal(api, f"/post/feed/{user.id}?tok%45n={user.token}&since=x")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "%74oken=***" in logged and "TOKEN=***" in logged and "tok%45n=***" in logged
+    assert user.token not in logged
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_invalid_utf8_text_frame_closes_with_1007(api):
+    user = await api.new_user()
+    feed = await api.open_feed(user)
+    # A text frame (opcode 0x1) the client library would never produce from a str.
+    feed.ws.protocol._write_frame(True, 0x1, b"\xff\xfe not utf-8")
+    assert await feed.wait_closed() == 1007

@@ -20,7 +20,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from feed_app.config import Settings
-from feed_app.sessions import CLOSE_GOING_AWAY, CLOSE_TOO_SLOW
+from feed_app.wire import Close
 from tests.conftest import AMQP_URL, with_settings
 from tests.faults import (
     ServiceProcess,
@@ -313,7 +313,7 @@ async def test_resume_with_since_across_a_restart(api, service, processes):
     await until(feed, lambda: seen in ids_of(feed.posts), 5, "live post X on the first server")
 
     first.signal(signal.SIGTERM)
-    assert await feed.wait_closed(10) == CLOSE_GOING_AWAY
+    assert await feed.wait_closed(10) == Close.GOING_AWAY
     assert await first.wait_exit(10) == 0
     missed = [(await api.post(author, f"while down {n}"))["id"] for n in range(4)]
 
@@ -424,7 +424,7 @@ async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_
             f"pending write buffer peaked at {peak} B (bound {bound} B)"
         )
         print("\nslow client: " + summary)
-        assert close_code == CLOSE_TOO_SLOW, summary
+        assert close_code == Close.TOO_SLOW, summary
         assert 0 < peak <= bound, summary  # > 0: the socket really was full
         assert service.metrics.slow_client_closes == closes_before + 1, summary
         assert session not in service.sessions
@@ -509,7 +509,7 @@ async def test_sigterm_closes_sockets_with_1001_and_loses_no_post(
     signalled = loop.time()
     stopping.signal(signal.SIGTERM)
     for n, feed in enumerate(feeds):
-        assert await feed.wait_closed(SHUTDOWN_TIMEOUT) == CLOSE_GOING_AWAY, f"feed {n}"
+        assert await feed.wait_closed(SHUTDOWN_TIMEOUT) == Close.GOING_AWAY, f"feed {n}"
     status = await stopping.wait_exit(SHUTDOWN_TIMEOUT - (loop.time() - signalled))
     took = loop.time() - signalled
     print(f"\nSIGTERM -> exit {status} in {took:.2f} s ({workers} worker(s))")

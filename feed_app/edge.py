@@ -1,0 +1,93 @@
+"""The service's edge, before any handler runs: oversized bodies get a JSON 413 without being
+read, and secrets in query strings never reach a log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.parse
+
+import tornado.httputil
+import tornado.web
+
+from feed_app.handlers import MAX_BODY
+
+access_log = logging.getLogger("tornado.access")
+
+# Past this, Tornado itself drops the connection with an empty 400. Below it, a body over
+# MAX_BODY gets a JSON 413 (a chunked body is only known once read: handlers.BaseHandler).
+MAX_READ_BODY = 1024 * 1024
+SECRET_QUERY_PARAMETERS = {"token", "ticket"}
+_QUERY_PAIR = re.compile(r"([?&])([^=&\s#]+)=([^&\s#]*)")
+
+
+def redact_query_secrets(text: str) -> str:
+    """Mask the value of every query parameter whose name, decoded and in any case, names a
+    secret: Tornado decodes names, so ?%74oken= is a token as much as ?token= is."""
+
+    def mask(pair: re.Match) -> str:
+        name = urllib.parse.unquote_plus(pair.group(2)).strip().lower()
+        return f"{pair.group(1)}{pair.group(2)}=***" if name in SECRET_QUERY_PARAMETERS else pair[0]
+
+    return _QUERY_PAIR.sub(mask, text)
+
+
+class RedactTokens(logging.Filter):
+    """Feed tokens travel in the query string (browsers cannot set headers on a websocket), and
+    Tornado logs the URI in its access log and with every uncaught exception: mask them there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "=" in message:
+            record.msg, record.args = redact_query_secrets(message), ()
+        return True
+
+
+for _logger in ("tornado.access", "tornado.application", "tornado.general"):
+    logging.getLogger(_logger).addFilter(RedactTokens())
+
+
+class RefuseLargeBodies(tornado.httputil.HTTPMessageDelegate):
+    """Answers a request whose Content-Length is over the cap with a JSON 413 before its body is
+    read, then closes the connection (the unread body makes it unusable)."""
+
+    def __init__(
+        self,
+        delegate: tornado.httputil.HTTPMessageDelegate,
+        connection: tornado.httputil.HTTPConnection,
+    ) -> None:
+        self.delegate = delegate
+        self.connection = connection
+
+    def headers_received(self, start_line, headers):  # type: ignore[no-untyped-def]
+        length = headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            self._refuse(start_line)
+            return None
+        return self.delegate.headers_received(start_line, headers)
+
+    def _refuse(self, start_line: tornado.httputil.RequestStartLine) -> None:
+        body = json.dumps({"error": f"request body over {MAX_BODY} bytes"}).encode()
+        head = (
+            "HTTP/1.1 413 Payload Too Large\r\n"
+            "Content-Type: application/json; charset=UTF-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        stream = self.connection.detach()  # allowed in headers_received: HTTP handling stops
+        stream.write(head.encode() + body).add_done_callback(lambda _: stream.close())
+        access_log.warning("413 %s %s", start_line.method, redact_query_secrets(start_line.path))
+
+    def data_received(self, chunk: bytes):  # type: ignore[no-untyped-def]
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
+
+
+class FeedApplication(tornado.web.Application):
+    def start_request(self, server_conn, request_conn):  # type: ignore[no-untyped-def]
+        return RefuseLargeBodies(super().start_request(server_conn, request_conn), request_conn)

@@ -1,0 +1,124 @@
+"""The feed websocket handler: GET /post/feed/<user_id>?token=...[&since=<post id>].
+
+Everything is checked before the upgrade, Tornado's own handshake checks included, so a refused
+client gets an HTTP status and a JSON error rather than a socket that opens and closes at once,
+or an HTML page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import tornado.iostream
+import tornado.websocket
+
+from feed_app import auth
+from feed_app.handlers import ApiError, JsonErrors, int_argument, parse_id
+from feed_app.sessions import FeedSession
+from feed_app.wire import MAX_ID, Close
+
+if TYPE_CHECKING:
+    from feed_app.app import Service
+
+WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
+
+
+class StrictUtf8Protocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado drops the TCP connection on a text frame that is not UTF-8; RFC 6455 asks for a
+    close with 1007, which tells the client what it did wrong. (Compression is never negotiated
+    here, so frames arrive as sent.)"""
+
+    def _handle_message(self, opcode: int, data: bytes) -> asyncio.Future | None:
+        if opcode == 0x1 and not self.client_terminated:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(Close.INVALID_TEXT, Close.INVALID_TEXT.reason)
+                return None
+        return super()._handle_message(opcode, data)
+
+
+class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
+    def initialize(self, service: Service) -> None:
+        self.service = service
+        self.session: FeedSession | None = None
+        self.since: int | None = None
+        self.client_gone = False  # on_close ran: before the upgrade, it can run during get()
+
+    async def get(self, user_id: str) -> None:
+        self._check_handshake()
+        await self._authorize(user_id)
+        if self.client_gone:
+            # The client hung up while we checked; Tornado has already called on_close and will
+            # not call it again, so a session opened now would never be closed.
+            return
+        await super().get(user_id)
+
+    def _check_handshake(self) -> None:
+        """What WebSocketHandler.get checks, answered in JSON instead of text or HTML."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            raise ApiError(400, "this is a websocket endpoint: send 'Upgrade: websocket'")
+        connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
+        if "upgrade" not in connection:
+            raise ApiError(400, "this is a websocket endpoint: send 'Connection: Upgrade'")
+        origin = headers.get("Origin", headers.get("Sec-Websocket-Origin"))
+        if origin is not None and not self.check_origin(origin):
+            raise ApiError(403, "cross-origin websockets are not allowed")
+        if headers.get("Sec-WebSocket-Version") not in WEBSOCKET_VERSIONS:
+            self.set_header("Sec-WebSocket-Version", ", ".join(WEBSOCKET_VERSIONS))
+            raise ApiError(426, "unsupported Sec-WebSocket-Version; this server speaks 13")
+        if not headers.get("Sec-WebSocket-Key"):
+            raise ApiError(400, "missing Sec-WebSocket-Key header")
+
+    async def _authorize(self, user_id_text: str) -> None:
+        user_id = parse_id(user_id_text, "user id")
+        token = self.get_query_argument("token", "")
+        if not token:
+            raise ApiError(401, "missing token query parameter")
+        try:
+            token_user = auth.user_id_from_token(token, self.service.settings.jwt_secret)
+        except auth.InvalidToken as exc:
+            raise ApiError(401, str(exc)) from exc
+        if token_user != user_id:
+            raise ApiError(403, "token belongs to another user")
+        if await self.service.db.get_user(user_id) is None:
+            raise ApiError(404, f"user {user_id} not found")
+        if self.get_query_argument("since", None) is not None:
+            self.since = int_argument(self, "since", 0, MAX_ID)
+        self.user_id = user_id
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        protocol = super().get_websocket_protocol()
+        return protocol and StrictUtf8Protocol(self, False, protocol.params)
+
+    def open(self, user_id: str) -> None:
+        if self.client_gone:
+            return
+        self.session = self.service.open_session(self.user_id, self)
+        if self.session:
+            self.session.start(self.since)
+
+    def write_text_frame(self, data: bytes) -> asyncio.Future:
+        """write_message() for a post that is already a UTF-8 JSON text frame.
+
+        write_message() wraps every write in a coroutine and a Task only to rename an exception;
+        at thousands of deliveries a second that Task cost more than the write. This calls the
+        frame writer underneath it (tornado is pinned) and returns the stream's own future.
+        """
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        try:
+            return self.ws_connection._write_frame(True, 0x1, data)
+        except tornado.iostream.StreamClosedError as exc:
+            raise tornado.websocket.WebSocketClosedError() from exc
+
+    def on_message(self, message: str | bytes) -> None:
+        self.close(Close.CLIENT_DATA, Close.CLIENT_DATA.reason)
+
+    def on_close(self) -> None:
+        self.client_gone = True
+        session, self.session = self.session, None
+        if session:
+            session.close()
