@@ -13,7 +13,7 @@ import tornado.httpserver
 import tornado.web
 
 from feed_app import edge, handlers
-from feed_app.broker import Broker
+from feed_app.broker import Broker, make_fanout
 from feed_app.config import Settings
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
@@ -33,6 +33,12 @@ class Service:
         self.settings = settings
         self.db = db
         self.broker = broker
+        self.fanout = make_fanout(
+            settings.fanout,
+            broker,
+            queue_max=settings.session_queue_max,
+            prefetch=settings.prefetch,
+        )
         self.metrics = metrics
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
         self.sessions: set[FeedSession] = set()
@@ -50,7 +56,7 @@ class Service:
             metrics.broker_reconnects += 1
 
         urls = [url.strip() for url in settings.amqp_url.split(",") if url.strip()]
-        broker = Broker(urls, prefetch=settings.prefetch, on_reconnect=count_reconnect)
+        broker = Broker(urls, on_reconnect=count_reconnect)
         service = cls(settings, db, broker, metrics)
         broker.start()
         service.relay.start()
@@ -66,7 +72,7 @@ class Service:
             user_id,
             socket,
             db=self.db,
-            broker=self.broker,
+            fanout=self.fanout,
             metrics=self.metrics,
             settings=self.settings,
             on_closed=self.sessions.discard,
@@ -102,7 +108,7 @@ class Service:
             await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("broker connection did not close in time")
-        await self.db.close()
+        await self.db.close(max(0.1, deadline - time.monotonic()))
         if self.server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.close_all_connections(), 1)

@@ -8,6 +8,8 @@ import os
 import urllib.parse
 from collections.abc import Sequence
 
+from feed_app.fanout import MODES
+
 DEV_JWT_SECRET = "dev-secret-change-me"
 
 
@@ -26,7 +28,10 @@ class Settings:
     # A session queue holds at most this many posts; past it the oldest is dropped and the
     # session is closed as too slow (the client resumes from the database).
     session_queue_max: int = 1000
+    # Bytes written to a socket that the client has not read yet, past which it is closed 4008.
+    socket_buffer_bytes: int = 1024 * 1024
     prefetch: int = 64
+    fanout: str = "session"
     ping_interval: float = 20.0
     outbox_lease: float = 10.0
     shutdown_timeout: float = 10.0
@@ -48,12 +53,16 @@ _OPTIONS = [
     ("workers", "FEED_WORKERS", "processes sharing the port (0 = one per core)"),
     ("db_pool_size", "FEED_DB_POOL_SIZE", "database connections per process"),
     ("history_size", "FEED_HISTORY_SIZE", "posts a new feed socket gets without since="),
+    ("fanout", "FEED_FANOUT", "session: a queue per socket; process: one queue per process"),
     ("session_queue_max", "FEED_SESSION_QUEUE_MAX", "posts buffered per session before 4008"),
+    ("socket_buffer_bytes", "FEED_SOCKET_BUFFER_BYTES", "unread bytes per socket before 4008"),
     ("prefetch", "FEED_PREFETCH", "unacknowledged posts per session in flight"),
     ("ping_interval", "FEED_PING_INTERVAL", "websocket ping interval, seconds"),
     ("outbox_lease", "FEED_OUTBOX_LEASE", "seconds before another process republishes a post"),
     ("shutdown_timeout", "FEED_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take"),
 ]
+
+_CHOICES = {"fanout": MODES}
 
 
 def parse_settings(
@@ -73,11 +82,15 @@ def parse_settings(
                 default = kind(env[var])
             except ValueError:
                 parser.error(f"{var}={env[var]!r} is not a valid {kind.__name__}")
+        choices = _CHOICES.get(field)
+        if choices and default not in choices:
+            parser.error(f"{var}={default!r} is not one of {', '.join(choices)}")
         shown = "(set)" if field == "jwt_secret" else str(default).replace("%", "%%")
         parser.add_argument(
             "--" + field.replace("_", "-"),
             type=kind,
             default=default,
+            choices=choices,
             help=f"{text} [{var}, now {shown}]",
         )
     parser.add_argument("--demo", action="store_true", help="seed demo users and follows")

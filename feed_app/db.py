@@ -120,9 +120,15 @@ class Database:
         )
         return cls(pool)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float) -> None:
+        """Close the pool; connections still in use after the timeout are dropped, so that a
+        query stuck on a silent server cannot hold a shutdown."""
         self.pool.close()
-        await self.pool.wait_closed()
+        try:
+            await asyncio.wait_for(self.pool.wait_closed(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("database connections still busy after %.1f s: dropping them", timeout)
+            self.pool.terminate()
 
     async def _run(self, sql: str, params: Any = None, *, retry: bool = True) -> list[tuple]:
         """One statement. A read (retry=True) that fails on a broken connection is retried once on

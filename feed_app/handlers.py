@@ -248,7 +248,7 @@ class ReadyHandler(BaseHandler):
             await self.db.ping()
         except DatabaseUnavailable:
             problems.append("database unavailable")
-        if not self.service.broker.is_open:
+        if not self.service.fanout.is_ready:
             problems.append("broker unavailable")
         if problems:
             self.set_status(503)

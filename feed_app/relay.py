@@ -16,34 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 
-import pika
-
-from feed_app.broker import Broker, BrokerUnavailable, control_key
+from feed_app import wire
+from feed_app.broker import Broker, BrokerUnavailable
 from feed_app.db import Database, DatabaseUnavailable, Post
 from feed_app.metrics import Metrics
-from feed_app.sessions import FOLLOW_CHANGE
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 500
 DELETE_LINGER = 0.1  # seconds
-
-
-def post_message(post: Post) -> tuple[bytes, pika.BasicProperties]:
-    """The message body is the exact websocket frame, so a session forwards it without decoding;
-    the post id and creation time travel as properties for de-duplication and latency."""
-    body = json.dumps({"type": "post", "post": post.to_json()}, separators=(",", ":"))
-    properties = pika.BasicProperties(
-        message_id=str(post.id),
-        content_type="application/json",
-        delivery_mode=1,  # transient: session queues are transient anyway
-        headers={"created_ms": int(post.created_at.timestamp() * 1000)},
-    )
-    return body.encode(), properties
 
 
 class OutboxRelay:
@@ -62,7 +46,7 @@ class OutboxRelay:
         self._wake_sweeper = asyncio.Event()
 
     def start(self) -> None:
-        self.broker.listeners.add(self)
+        self.broker.listeners.append(self)
         for loop in (self._delete_confirmed, self._sweep):
             self._spawn(loop())
 
@@ -84,8 +68,9 @@ class OutboxRelay:
     async def _publish(self, post: Post) -> None:
         """Publish and wait for the confirm; the caller has put the id in _in_flight."""
         try:
-            body, properties = post_message(post)
-            await self.broker.publish(str(post.author_id), body, properties)
+            frame = wire.post_frame(post.to_json())
+            created_ms = int(post.created_at.timestamp() * 1000)
+            await self.broker.publish_post(post.author_id, post.id, frame, created_ms)
         except BrokerUnavailable as exc:
             log.info("post %d not published yet (%s); the outbox keeps it", post.id, exc)
             self._unpublished.add(post.id)
@@ -165,7 +150,8 @@ class OutboxRelay:
             self._confirmed.clear()
 
     async def stop(self) -> None:
-        self.broker.listeners.discard(self)
+        if self in self.broker.listeners:
+            self.broker.listeners.remove(self)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -176,10 +162,7 @@ class OutboxRelay:
         """Tell the user's open sessions, on every instance, that the follow of this author
         changed; each checks the database and binds or unbinds. Not in the outbox: if this is
         lost, the sessions re-read the follows when they next heal."""
-        properties = pika.BasicProperties(type=FOLLOW_CHANGE, delivery_mode=1)
         try:
-            await asyncio.wait_for(
-                self.broker.publish(control_key(user_id), str(author_id).encode(), properties), 5
-            )
+            await asyncio.wait_for(self.broker.publish_follow_change(user_id, author_id), 5)
         except (BrokerUnavailable, asyncio.TimeoutError) as exc:
             log.warning("follow change of user %d not announced: %s", user_id, exc)

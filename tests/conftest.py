@@ -13,6 +13,7 @@ import pytest
 from feed_app.app import Service, make_app
 from feed_app.config import Settings
 from feed_app.db import prepare_database
+from feed_app.fanout import MODES
 from tests.support import Api
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
@@ -40,15 +41,27 @@ def db_dsn():
     admin.close()
 
 
+# A module whose guarantees must hold in both fan-out modes: pytestmark = both_fanout_modes.
+both_fanout_modes = pytest.mark.parametrize("fanout_mode", MODES, indirect=True)
+
+
 @pytest.fixture
-def settings(db_dsn) -> Settings:
-    return Settings(db_dsn=db_dsn, amqp_url=AMQP_URL, outbox_lease=1.0, ping_interval=5.0)
+def fanout_mode(request) -> str:
+    """The service's fan-out mode: the default unless the module runs both (both_fanout_modes)."""
+    return getattr(request, "param", Settings.fanout)
+
+
+@pytest.fixture
+def settings(db_dsn, fanout_mode) -> Settings:
+    return Settings(
+        db_dsn=db_dsn, amqp_url=AMQP_URL, outbox_lease=1.0, ping_interval=5.0, fanout=fanout_mode
+    )
 
 
 @pytest.fixture
 def service(io_loop, settings):
     service = io_loop.run_sync(lambda: Service.create(settings))
-    io_loop.run_sync(lambda: service.broker.wait_open(10))
+    io_loop.run_sync(lambda: service.fanout.wait_ready(10))
     yield service
     io_loop.run_sync(service.stop)
 
@@ -59,7 +72,9 @@ def app(service):
 
 
 @pytest.fixture
-def api(http_server, base_url) -> Api:
+def api(app, http_server, base_url) -> Api:
+    # `app` is named here although http_server starts it: pytest-tornado looks it up at run time,
+    # so without it pytest would not see that api depends on settings (and the fan-out mode).
     return Api(base_url)
 
 

@@ -74,6 +74,11 @@ class Api:
         query = f"?token={user.token}" + ("" if since is None else f"&since={since}")
         return await self.open_feed_at(f"/post/feed/{user.id}{query}", timeout)
 
+    async def open_feed_unready(self, user: User, timeout: float = 10) -> Feed:
+        """A feed socket as soon as the upgrade is done, its session still setting up."""
+        url = f"{self.ws_url}/post/feed/{user.id}?token={user.token}"
+        return Feed(await asyncio.wait_for(websocket_connect(url), timeout))
+
     async def open_feed_at(self, path: str, timeout: float = 10) -> Feed:
         ws = await asyncio.wait_for(websocket_connect(self.ws_url + path), timeout)
         feed = Feed(ws)

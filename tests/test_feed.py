@@ -5,8 +5,10 @@ import asyncio
 import pika
 import pytest
 
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, both_fanout_modes
 from tests.support import wait_queue_gone
+
+pytestmark = both_fanout_modes
 
 
 @pytest.mark.gen_test(timeout=20)
@@ -89,6 +91,7 @@ async def test_session_queue_is_gone_however_the_socket_ends(api, service):
     for end in ("client close", "connection drop", "client message"):
         feed = await api.open_feed(user)
         [session] = service.sessions
+        queue = service.fanout.queue_of(session)
         if end == "client close":
             feed.close()
         elif end == "connection drop":
@@ -96,21 +99,26 @@ async def test_session_queue_is_gone_however_the_socket_ends(api, service):
         else:
             feed.ws.write_message("hello?")
             assert await feed.wait_closed() == 1003
-        await wait_queue_gone(AMQP_URL, session.queue)
+        if service.settings.fanout == "session":
+            await wait_queue_gone(AMQP_URL, queue)
         for _ in range(100):
             if not service.sessions:
                 break
             await asyncio.sleep(0.02)
         assert not service.sessions, end
+        assert service.fanout.subscribers == 0, end
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_two_sessions_share_channels_not_one_each(api, service):
-    """One AMQP connection per process and a fixed handful of channels, whatever the load."""
+async def test_sessions_share_a_few_channels_and_queues_follow_the_mode(api, service):
+    """One AMQP connection per process and a fixed handful of channels, whatever the load; a
+    queue per socket in session mode, one per process in process mode."""
     users = [await api.new_user() for _ in range(3)]
     feeds = [await api.open_feed(user) for user in users for _ in range(4)]
-    channels = {session.channel.pika.channel_number for session in service.sessions}
-    assert len(feeds) == 12 and len(channels) <= 4
+    queues = {service.fanout.queue_of(session) for session in service.sessions}
+    assert len(feeds) == 12
+    assert len(queues) == (12 if service.settings.fanout == "session" else 1)
+    assert service.fanout.channels <= 6
 
 
 @pytest.mark.gen_test(timeout=20)

@@ -21,7 +21,7 @@ from tornado.websocket import websocket_connect
 
 from feed_app.config import Settings
 from feed_app.wire import Close
-from tests.conftest import AMQP_URL, with_settings
+from tests.conftest import AMQP_URL, both_fanout_modes, with_settings
 from tests.faults import (
     ServiceProcess,
     TcpProxy,
@@ -37,6 +37,8 @@ from tests.faults import (
     with_endpoint,
 )
 from tests.support import Api, Feed, User, wait_queue_gone
+
+pytestmark = both_fanout_modes
 
 # --- fixtures: the in-process service reaches both servers through proxies ------------------------
 
@@ -65,7 +67,9 @@ def settings_changes() -> dict:
 
 
 @pytest.fixture
-def settings(settings, amqp_proxy, pg_proxy, settings_changes) -> Settings:
+def settings(settings, amqp_proxy, pg_proxy, settings_changes, fanout_mode) -> Settings:
+    # fanout_mode is named so that pytest sees this override depends on it, as the overridden
+    # fixture does (it does not look through an override to the fixture it shadows).
     return with_settings(
         settings,
         amqp_url=amqp_proxy.url_for(settings.amqp_url),
@@ -85,6 +89,7 @@ def processes(tmp_path, db_dsn, settings) -> Iterator[Callable[..., ServiceProce
             "FEED_DB_DSN": db_dsn,
             "FEED_AMQP_URL": AMQP_URL,
             "FEED_JWT_SECRET": settings.jwt_secret,  # tokens from the in-process service work
+            "FEED_FANOUT": settings.fanout,
             **env,
         }
         log_path = tmp_path / f"service-{len(started)}.log"
@@ -139,7 +144,7 @@ async def test_broker_outage_loses_no_post_and_keeps_sockets_open(api, service, 
         await until(feed, lambda f=feed: before in ids_of(f.posts), 5, "post before the outage")
 
     amqp_proxy.disable()
-    await wait_for(lambda: not service.broker.is_open, 5, "the service notices the outage")
+    await wait_for(lambda: not service.fanout.is_ready, 5, "the service notices the outage")
     code, body = await readyz(api)
     assert code == 503 and "broker" in body["error"], body
     during = [(await api.post(author, f"during {n}"))["id"] for n in range(3)]  # 201 each
@@ -147,7 +152,7 @@ async def test_broker_outage_loses_no_post_and_keeps_sockets_open(api, service, 
     assert set(during) <= waiting, f"posts made during the outage not in the outbox: {waiting}"
 
     amqp_proxy.enable()
-    await wait_for(lambda: service.broker.is_open, 10, "the service reconnects")
+    await wait_for(lambda: service.fanout.is_ready, 10, "the service reconnects")
     assert await readyz(api) == (200, {"status": "ready"})
     assert service.metrics.broker_reconnects >= 1
     after = (await api.post(author, "after"))["id"]
@@ -170,7 +175,7 @@ async def test_feed_opened_while_the_broker_is_away_gets_history_then_goes_live(
     await api.follow(reader, author)
     old = (await api.post(author, "before the outage"))["id"]
     amqp_proxy.disable()
-    await wait_for(lambda: not service.broker.is_open, 5, "the service notices the outage")
+    await wait_for(lambda: not service.fanout.is_ready, 5, "the service notices the outage")
 
     ws = await websocket_connect(f"{api.ws_url}/post/feed/{reader.id}?token={reader.token}")
     feed = Feed(ws)
@@ -377,9 +382,10 @@ SERVER_SNDBUF = 8192  # the kernel doubles it; see the test's docstring
 async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_port):
     """Proves: a client that never reads does not make the service buffer without limit. While
     posts of ~1 KB are flooded at it, the service's pending write buffer for that socket stays
-    within `prefetch` frames; its queue overflows and the service closes it with 4008 (the client
-    finds the close frame after the posts it had not read), forgets the session, deletes its queue
-    and counts it in slow_client_closes.
+    within `prefetch` frames in session mode (then its queue overflows), within
+    `session_queue_max` frames in process mode (then its in-process buffer overflows); the
+    service closes it with 4008 (the client finds the close frame after the posts it had not
+    read), forgets the session, deletes its queue and counts it in slow_client_closes.
 
     The client's receive buffer is 4 KB. On loopback Linux sizes the server's send buffer to ~4 MB
     at once, which would take thousands of posts to fill; the test shrinks that one server socket's
@@ -393,6 +399,7 @@ async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_
     try:
         await wait_for(lambda: any(s.ready for s in service.sessions), 5, "the session is ready")
         [session] = service.sessions
+        queue = service.fanout.queue_of(session)
         stream = session.socket.ws_connection.stream
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
         peak = 0
@@ -418,7 +425,10 @@ async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_
 
         close_code, posts_read = await read_until_close(sock, timeout=4)
         frame = len(json.dumps({"type": "post", "post": {"id": 0, "text": text}})) + 200
-        bound = SLOW["prefetch"] * frame
+        in_flight = SLOW[
+            "prefetch" if service.settings.fanout == "session" else "session_queue_max"
+        ]
+        bound = in_flight * frame
         summary = (
             f"closed with {close_code} after {sent} posts ({posts_read} reached the client); "
             f"pending write buffer peaked at {peak} B (bound {bound} B)"
@@ -427,8 +437,9 @@ async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_
         assert close_code == Close.TOO_SLOW, summary
         assert 0 < peak <= bound, summary  # > 0: the socket really was full
         assert service.metrics.slow_client_closes == closes_before + 1, summary
-        assert session not in service.sessions
-        await wait_queue_gone(AMQP_URL, session.queue)
+        assert session not in service.sessions and service.fanout.queue_of(session) is None
+        if service.settings.fanout == "session":
+            await wait_queue_gone(AMQP_URL, queue)
     finally:
         sock.close()
 

@@ -2,12 +2,15 @@
 handshake leave nothing behind, in the process or in RabbitMQ."""
 
 import asyncio
+import gc
 import socket
 import struct
+import weakref
 
 import pytest
 
 from feed_app.feed_socket import FeedSocketHandler
+from tests.conftest import both_fanout_modes
 from tests.support import upgrade_request
 
 
@@ -93,3 +96,36 @@ async def test_many_hang_ups_at_any_moment_leave_no_session(api, service, monkey
         end(client, ("fin", "rst", "shutdown")[round_ % 3])
     await wait_for(lambda: len(finished) == 30, timeout=10)
     await wait_for(lambda: not service.sessions, timeout=10)
+
+
+@both_fanout_modes
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("end", ["client close", "connection drop", "client message", "mid-sync"])
+async def test_a_closed_session_is_freed_at_once_without_the_collector(api, service, end):
+    """Reference counting alone frees a session once its socket is closed: the process tunes the
+    collector for throughput (run.py), so a session kept alive by a cycle would stay for minutes.
+    `mid-sync` closes the socket while the session still reads its history."""
+    author, user = await api.new_user(), await api.new_user()
+    await api.follow(user, author)
+    for n in range(3):
+        await api.post(author, f"history {n}")
+    gc.disable()
+    try:
+        feed = await (api.open_feed(user) if end != "mid-sync" else api.open_feed_unready(user))
+        await wait_for(lambda: len(service.sessions) == 1)
+        [session] = service.sessions
+        ref = weakref.ref(session)
+        del session
+        if end == "client close":
+            feed.close()
+        elif end == "connection drop":
+            feed.ws.stream.close()
+        elif end == "client message":
+            feed.ws.write_message("hello?")
+        else:
+            feed.ws.stream.close()
+        await wait_for(lambda: not service.sessions)
+        await asyncio.sleep(0.05)  # let Tornado and pika finish with the connection
+        await wait_for(lambda: ref() is None, timeout=2)
+    finally:
+        gc.enable()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from feed_app.broker import Channel
+from feed_app.broker.connection import Channel
 from feed_app.config import parse_settings, redact_url
 from feed_app.sessions import SeenPosts
 

@@ -3,18 +3,19 @@
     CLOSED --start()--> CONNECTING --opened--> OPEN --lost--> WAITING --backoff--> CONNECTING ...
                                                OPEN --stop()--> CLOSING --> CLOSED
 
-Why one connection and a handful of channels: every websocket session needs a queue and a consumer,
-but a channel per session would run into the broker's channel_max (2047 by default) and exceeding
-it closes the whole connection. Sessions share a few channels instead, in two roles:
+Why one connection and a handful of channels: every websocket session needs its posts, but a
+channel per session would run into the broker's channel_max (2047 by default), and exceeding it
+closes the whole connection. The fan-outs (session_fanout.py, process_fanout.py) open the few
+channels they need through open_channel(), in two roles:
 
 - consume channels carry deliveries and acks;
 - setup channels carry queue declares, binds, unbinds and deletes.
 
 Why two roles: the broker runs a channel's commands one after another, and binding churn is slow
-on it (RabbitMQ 3.10 here: ~0.2 ms per binding, so a session following 5,000 authors keeps a
-channel busy for a second, and deleting its queue as long again). On a shared channel, every
-other session's acks would wait behind that, their prefetch would run out, and their posts would
-stall. Kept apart, binding churn delays only other sessions' set-up.
+on it (a session following 5,000 authors keeps a channel busy for about a second, and deleting
+its queue as long again: BENCHMARKS.md). On a shared channel, every other session's acks would
+wait behind that, their prefetch would run out, and their posts would stall. Kept apart, binding
+churn delays only other sessions' set-up.
 
 Why a lost channel drops the connection: an error on a shared channel kills every consumer on it.
 Rather than a second, rarer recovery path for "this channel's sessions", the broker reconnects and
@@ -39,12 +40,12 @@ import pika.exceptions
 import pika.frame
 from pika.adapters.asyncio_connection import AsyncioConnection
 
+from feed_app import wire
+from feed_app.broker import messages
 from feed_app.config import redact_url
 
 log = logging.getLogger(__name__)
 
-POSTS_EXCHANGE = "amq.direct"
-SESSION_QUEUE_EXPIRES_MS = 60_000  # safety net: an unused session queue vanishes after a minute
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
 ACKED_ALONE_COMPACTION = 4096
 
@@ -66,11 +67,6 @@ class BrokerListener(Protocol):
     def on_broker_lost(self) -> None: ...
 
 
-def control_key(user_id: int) -> str:
-    """Routing key of messages about one user's follows, bound to each of the user's sessions."""
-    return f"control.{user_id}"
-
-
 class Channel:
     """A pika channel whose synchronous methods are awaitable and fail when the channel dies, and
     whose acknowledgements are coalesced.
@@ -88,11 +84,21 @@ class Channel:
         self._unacked: collections.deque[int] = collections.deque()  # delivery order
         self._settled: set[int] = set()  # ready to ack
         self._acked_alone: set[int] = set()  # acked individually, still in _unacked
+        self._through = 0  # ack_through: the newest tag to acknowledge with all before it
         self._flush_scheduled = False
         channel.add_on_close_callback(self._on_closed)
 
     def delivered(self, delivery_tag: int) -> None:
         self._unacked.append(delivery_tag)
+
+    def ack_through(self, delivery_tag: int) -> None:
+        """Acknowledge this delivery and every earlier one, at the end of the turn. For a
+        consumer that settles every message as it arrives (the process queue): one frame per
+        turn whatever the number of messages, and no bookkeeping per message."""
+        self._through = delivery_tag
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
 
     def ack(self, delivery_tag: int) -> None:
         self._settled.add(delivery_tag)
@@ -104,6 +110,9 @@ class Channel:
         self._flush_scheduled = False
         if not self.pika.is_open:
             return
+        if self._through:
+            self.pika.basic_ack(self._through, multiple=True)
+            self._through = 0
         unacked, settled, acked_alone = self._unacked, self._settled, self._acked_alone
         last = None
         while unacked and (unacked[0] in settled or unacked[0] in acked_alone):
@@ -153,27 +162,18 @@ class Channel:
 
 
 class Broker:
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        consume_channels: int = 4,
-        setup_channels: int = 2,
-        prefetch: int = 64,
-        on_reconnect: Callable[[], None] = lambda: None,
-    ) -> None:
+    """The connection, the confirmed publish channel, and the overflow queue that tells a queue's
+    owner it overflowed. Listeners (the fan-out, the outbox relay) hear when it opens and when it
+    is lost; open_channel() gives them channels of their own on the live connection."""
+
+    def __init__(self, urls: list[str], *, on_reconnect: Callable[[], None] = lambda: None) -> None:
         # A cluster is a list of nodes: each connection attempt tries the next one.
         self._endpoints = itertools.cycle([(url, self._parameters_from(url)) for url in urls])
-        self._channel_counts = (consume_channels, setup_channels)
-        self._prefetch = prefetch
         self._on_reconnect = on_reconnect
         self.state = State.CLOSED
-        self.listeners: set[BrokerListener] = set()
+        self.listeners: list[BrokerListener] = []  # told in order: the fan-out before the relay
         self._connection: AsyncioConnection | None = None
         self._publish_channel: Channel | None = None
-        self._consume_channels: list[Channel] = []
-        self._setup_channels: list[Channel] = []
-        self._round_robin = itertools.count()
         self._unconfirmed: dict[int, asyncio.Future] = {}
         self._next_delivery_tag = 1
         self._overflow_handlers: dict[str, Callable[[], None]] = {}
@@ -221,6 +221,13 @@ class Broker:
             await self._closed.wait()
         self.state = State.CLOSED
 
+    def reconnect(self, reason: str) -> None:
+        """Drop a connection that cannot be used as it is (a listener failed to set up on it):
+        the usual path then reconnects, and every listener sets up again from scratch."""
+        if self._connection is not None and self._connection.is_open:
+            log.warning("%s: reconnecting", reason)
+            self._connection.close(320, reason)
+
     def _connect(self) -> None:
         url, parameters = next(self._endpoints)
         log.info("connecting to %s", redact_url(url))
@@ -245,7 +252,7 @@ class Broker:
     # --- connection callbacks --------------------------------------------------------------------
 
     def _on_connection_open(self, connection: AsyncioConnection) -> None:
-        self._opening = asyncio.ensure_future(self._open_channels(connection))
+        self._opening = asyncio.ensure_future(self._open_publishing(connection))
 
     def _on_connection_open_error(self, _connection: AsyncioConnection, error: Exception) -> None:
         log.warning("cannot connect to RabbitMQ: %s", error or type(error).__name__)
@@ -269,33 +276,20 @@ class Broker:
 
     def _on_channel_closed(self, channel: pika.channel.Channel, reason: Exception) -> None:
         if self.state is State.OPEN and self._connection and self._connection.is_open:
-            log.warning("channel %s closed (%s): reconnecting", channel.channel_number, reason)
-            self._connection.close(320, "channel lost; reconnecting")
+            self.reconnect(f"channel {channel.channel_number} closed ({reason})")
 
-    async def _open_channels(self, connection: AsyncioConnection) -> None:
+    async def _open_publishing(self, connection: AsyncioConnection) -> None:
         try:
-            self._publish_channel = await self._open_channel(connection)
+            self._publish_channel = await self.open_channel(connection)
             await self._publish_channel.call(
                 self._publish_channel.pika.confirm_delivery, self._on_confirm
             )
             self._next_delivery_tag = 1
-            consume_count, setup_count = self._channel_counts
-            self._consume_channels = []
-            for _ in range(consume_count):
-                channel = await self._open_channel(connection)
-                # Per consumer: a session gets at most `prefetch` posts ahead of its socket.
-                await channel.call(channel.pika.basic_qos, prefetch_count=self._prefetch)
-                self._consume_channels.append(channel)
-            self._setup_channels = [
-                await self._open_channel(connection) for _ in range(setup_count)
-            ]
-            await self._declare_overflow_queue(self._consume_channels[0])
+            await self._declare_overflow_queue(self._publish_channel)
         except (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError) as exc:
             # A connection that died is reconnected by _on_connection_closed; one that is still
             # up but could not set up its channels is closed, so that path reconnects it too.
-            if connection.is_open:
-                log.warning("cannot open channels (%s): reconnecting", exc)
-                connection.close(320, "channel set-up failed; reconnecting")
+            self.reconnect(f"cannot open channels ({exc})")
             return
         if connection is not self._connection or not connection.is_open:
             return
@@ -308,11 +302,20 @@ class Broker:
         for listener in list(self.listeners):
             listener.on_broker_open()
 
-    async def _open_channel(self, connection: AsyncioConnection) -> Channel:
+    async def open_channel(
+        self, connection: AsyncioConnection | None = None, *, prefetch: int | None = None
+    ) -> Channel:
+        """A new channel on the live connection; with prefetch, each consumer on it gets at most
+        that many unacknowledged messages."""
+        connection = connection or self._connection
+        if connection is None or not connection.is_open:
+            raise BrokerUnavailable("not connected to RabbitMQ")
         future = asyncio.get_running_loop().create_future()
         connection.channel(on_open_callback=future.set_result)
         channel = Channel(await asyncio.wait_for(future, 10))
         channel.pika.add_on_close_callback(self._on_channel_closed)
+        if prefetch is not None:
+            await channel.call(channel.pika.basic_qos, prefetch_count=prefetch)
         return channel
 
     def _forget_channels(self, reason: Exception) -> None:
@@ -322,22 +325,30 @@ class Broker:
                 future.set_exception(BrokerUnavailable(f"connection lost: {reason}"))
         self._unconfirmed.clear()
         self._publish_channel = None
-        self._consume_channels = []
-        self._setup_channels = []
 
     # --- publishing with confirms ----------------------------------------------------------------
 
-    def publish(
+    def publish_post(self, author_id: int, post_id: int, frame: bytes, created_ms: int):
+        """Publish a post's frame to its author's routing key; the future resolves once the
+        broker has confirmed it."""
+        properties = messages.post_properties(post_id, created_ms)
+        return self._publish(wire.author_key(author_id), frame, properties)
+
+    def publish_follow_change(self, user_id: int, author_id: int) -> asyncio.Future:
+        """Tell the user's sessions, on every instance, that the follow of this author changed."""
+        body = str(author_id).encode()
+        return self._publish(wire.control_key(user_id), body, messages.FOLLOW_CHANGE_PROPERTIES)
+
+    def _publish(
         self, routing_key: str, body: bytes, properties: pika.BasicProperties
     ) -> asyncio.Future:
-        """Publish to amq.direct; the future resolves once the broker has confirmed the message."""
         channel = self._publish_channel
         if self.state is not State.OPEN or channel is None or not channel.is_open:
             raise BrokerUnavailable("not connected to RabbitMQ")
         future = asyncio.get_running_loop().create_future()
         self._unconfirmed[self._next_delivery_tag] = future
         self._next_delivery_tag += 1
-        channel.pika.basic_publish(POSTS_EXCHANGE, routing_key, body, properties)
+        channel.pika.basic_publish(wire.EXCHANGE, routing_key, body, properties)
         return future
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
@@ -354,22 +365,15 @@ class Broker:
                 else:
                     future.set_exception(BrokerUnavailable("broker refused the message"))
 
-    # --- session queues --------------------------------------------------------------------------
+    # --- bounded queues --------------------------------------------------------------------------
 
-    def session_channels(self) -> tuple[Channel, Channel]:
-        """A (consume, setup) pair of channels for a new session, spread round-robin."""
-        if self.state is not State.OPEN or not self._consume_channels:
-            raise BrokerUnavailable("not connected to RabbitMQ")
-        turn = next(self._round_robin)
-        consume = self._consume_channels[turn % len(self._consume_channels)]
-        return consume, self._setup_channels[turn % len(self._setup_channels)]
-
-    def session_queue_arguments(self, max_length: int) -> dict[str, Any]:
-        """A session queue keeps at most max_length posts. When a slow client lets it fill, the
-        broker drops the oldest and dead-letters it to this connection's overflow queue, which is
-        how the session learns it fell behind (and is closed, to resume from the database)."""
+    def bounded_queue_arguments(self, max_length: int, expires_ms: int) -> dict[str, Any]:
+        """Arguments of a queue that keeps at most max_length messages. When its consumer lets it
+        fill, the broker drops the oldest and dead-letters it to this connection's overflow
+        queue, which is how the owner learns that it lost messages (watch_overflow). x-expires
+        is a safety net: an unused queue vanishes even if its delete was lost."""
         return {
-            "x-expires": SESSION_QUEUE_EXPIRES_MS,
+            "x-expires": expires_ms,
             "x-max-length": max_length,
             "x-overflow": "drop-head",
             "x-dead-letter-exchange": "",
@@ -398,10 +402,7 @@ class Broker:
     def _on_overflow(
         self, _channel: Any, _method: Any, properties: pika.BasicProperties, _body: bytes
     ) -> None:
-        headers = properties.headers or {}
-        queue = headers.get("x-first-death-queue")
-        if queue is None and headers.get("x-death"):
-            queue = headers["x-death"][0].get("queue")
-        handler = self._overflow_handlers.pop(queue, None)
+        queue = messages.dead_lettered_from(properties)
+        handler = self._overflow_handlers.get(queue)
         if handler:
             handler()

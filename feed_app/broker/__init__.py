@@ -1,0 +1,26 @@
+"""The broker layer: every pika call of the service is in this package.
+
+connection.py holds the process's one AMQP connection; session_fanout.py and process_fanout.py
+are the two ways of getting posts to feed sessions (feed_app/fanout.py is the seam they share).
+"""
+
+from __future__ import annotations
+
+from feed_app.broker.connection import Broker, BrokerUnavailable
+from feed_app.broker.process_fanout import ProcessFanout
+from feed_app.broker.session_fanout import SessionFanout
+from feed_app.fanout import Fanout
+
+__all__ = ["Broker", "BrokerUnavailable", "ProcessFanout", "SessionFanout", "make_fanout"]
+
+
+def make_fanout(mode: str, broker: Broker, *, queue_max: int, prefetch: int) -> Fanout:
+    if mode == "process":
+        fanout: Fanout = ProcessFanout(broker)
+    elif mode == "session":
+        fanout = SessionFanout(broker, queue_max=queue_max, prefetch=prefetch)
+    else:
+        raise ValueError(f"unknown fan-out mode {mode!r}")
+    # The fan-out hears about the connection first: its subscribers set up on it.
+    broker.listeners.insert(0, fanout)
+    return fanout

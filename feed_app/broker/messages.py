@@ -1,0 +1,57 @@
+"""The AMQP envelope of the wire formats in feed_app/wire.py: the properties a post or a follow
+change is published with, and the decoding of what a queue delivers."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import pika
+
+from feed_app import wire
+from feed_app.fanout import Delivery
+
+log = logging.getLogger(__name__)
+
+FOLLOW_CHANGE_PROPERTIES = pika.BasicProperties(type=wire.FOLLOW_CHANGE, delivery_mode=1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FollowChange:
+    user_id: int
+    author_id: int
+
+
+def post_properties(post_id: int, created_ms: int) -> pika.BasicProperties:
+    """The post id and creation time travel as properties, so that a receiver can de-duplicate
+    and measure latency without decoding the body (which is the websocket frame itself)."""
+    return pika.BasicProperties(
+        message_id=str(post_id),
+        content_type="application/json",
+        delivery_mode=1,  # transient: the queues it lands in are transient anyway
+        headers={"created_ms": created_ms},
+    )
+
+
+def decode(method: Any, properties: Any, body: bytes) -> Delivery | FollowChange | None:
+    """A delivered message as a post or a follow change; None (logged) for anything else on the
+    vhost. Raising instead would make pika drop the whole connection, and every session on it."""
+    try:
+        if properties.type == wire.FOLLOW_CHANGE:
+            user_id = int(method.routing_key.removeprefix("control."))
+            return FollowChange(user_id, int(body))
+        created_ms = (properties.headers or {}).get("created_ms")
+        return Delivery(int(properties.message_id), int(method.routing_key), body, created_ms)
+    except (TypeError, ValueError):
+        log.warning("dropping a malformed message: %r %r", method.routing_key, properties)
+        return None
+
+
+def dead_lettered_from(properties: pika.BasicProperties) -> str | None:
+    """The queue a dead-lettered message overflowed from."""
+    headers = properties.headers or {}
+    queue = headers.get("x-first-death-queue")
+    if queue is None and headers.get("x-death"):
+        queue = headers["x-death"][0].get("queue")
+    return queue

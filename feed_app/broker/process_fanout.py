@@ -1,0 +1,271 @@
+"""`process` mode: one exclusive queue per process, bound once per author that any local session
+follows (and once per local user's control key), and an in-memory index from routing key to the
+local subscribers. One AMQP delivery per process per post, whatever the number of sockets; the
+frame in it is written to every one of them as it is.
+
+Bindings are reference-counted: an author is bound when its first local follower attaches and
+unbound once no local session has followed it for UNBIND_AFTER seconds (sessions come and go;
+rebinding a popular author on every reconnect would be churn for nothing). The index changes
+only on the event loop, so "the last follower left" and "a new one arrived" cannot interleave
+badly: a new follower of an author still bound, or waiting to be unbound, costs nothing; one of an
+author whose unbind was already sent binds it again, on the same channel, so the broker applies
+the two in order.
+
+Messages are acknowledged as they are fanned out: a slow socket holds back nobody. Each session
+bounds what it has not yet written to its socket (sessions.py); the process queue itself is
+bounded too, and when it overflows (the whole process fell behind), every subscriber reads what
+it missed from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import pika.exceptions
+
+from feed_app import wire
+from feed_app.broker import messages
+from feed_app.broker.connection import Broker, BrokerUnavailable, Channel
+from feed_app.fanout import Subscriber
+
+log = logging.getLogger(__name__)
+
+QUEUE_MAX = 100_000  # messages waiting for this process before the oldest are dropped
+QUEUE_EXPIRES_MS = 60_000
+PREFETCH = 1000  # acks go once per loop turn; this only bounds what is in flight between them
+UNBIND_AFTER = 10.0  # seconds an author stays bound without a local follower
+_AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
+
+
+class ProcessFanout:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.queue = f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        self._subscribers: dict[str, set[Subscriber]] = {}  # routing key -> local subscribers
+        self._keys: dict[Subscriber, set[str]] = {}  # subscriber -> its routing keys
+        self._bound: dict[str, asyncio.Future] = {}  # routing key -> done once bound
+        self._to_bind: list[str] = []  # sent with the next flush
+        self._idle: dict[str, float] = {}  # bound routing key -> when its last subscriber left
+        self._channel: Channel | None = None
+        self._setup: Channel | None = None
+        self._ready = asyncio.Event()
+        self._flush_scheduled = False
+        self._barriers: set[asyncio.Task] = set()
+        self._unbind_timer: asyncio.TimerHandle | None = None
+        self._healing: asyncio.TimerHandle | None = None
+        self._opening: asyncio.Task | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self.broker.is_open
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    # --- what metrics and tests read ----------------------------------------------------------
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._keys)
+
+    @property
+    def bindings(self) -> int:
+        return len(self._bound)
+
+    @property
+    def channels(self) -> int:
+        return sum(channel is not None for channel in (self._channel, self._setup))
+
+    def queue_of(self, subscriber: Subscriber) -> str | None:
+        return self.queue if subscriber in self._keys else None
+
+    # --- the broker's connection ---------------------------------------------------------------
+
+    def on_broker_open(self) -> None:
+        self._opening = asyncio.ensure_future(self._open_queue())
+
+    async def _open_queue(self) -> None:
+        try:
+            channel = await self.broker.open_channel(prefetch=PREFETCH)
+            setup = await self.broker.open_channel()
+            arguments = self.broker.bounded_queue_arguments(QUEUE_MAX, QUEUE_EXPIRES_MS)
+            await setup.call(
+                setup.pika.queue_declare,
+                self.queue,
+                exclusive=True,
+                auto_delete=True,
+                arguments=arguments,
+            )
+            self.broker.watch_overflow(self.queue, self._on_queue_overflow)
+            self._channel, self._setup = channel, setup
+            await self._bind_all(list(self._subscribers))
+            await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
+        except _AMQP_FAILURES as exc:
+            self.broker.reconnect(f"cannot set up the process queue ({exc})")
+            return
+        self._ready.set()
+        log.info("process queue %s bound to %d routing keys", self.queue, len(self._bound))
+        for subscriber in list(self._keys):
+            subscriber.on_fanout_ready()
+
+    def on_broker_lost(self) -> None:
+        self._ready.clear()
+        self._channel = self._setup = None
+        self._fail_bindings(BrokerUnavailable("connection lost"))
+        for subscriber in list(self._keys):
+            subscriber.on_fanout_lost()
+
+    def _fail_bindings(self, error: Exception) -> None:
+        bound, self._bound, self._to_bind, self._idle = self._bound, {}, [], {}
+        for future in bound.values():
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: whoever waited on it has its own copy
+
+    def _on_queue_overflow(self) -> None:
+        """The process fell so far behind that the broker dropped posts from its queue: which
+        sessions lost which posts is unknown, so every one reads what it missed. Overflows come
+        in bursts (one notice per dropped post); they are healed once per burst."""
+        if self._healing is None:
+            log.warning("process queue %s overflowed; every session resyncs", self.queue)
+            self._healing = asyncio.get_running_loop().call_later(0.5, self._heal)
+            for subscriber in list(self._keys):
+                subscriber.on_fanout_lost()
+
+    def _heal(self) -> None:
+        self._healing = None
+        for subscriber in list(self._keys):
+            subscriber.on_fanout_ready()
+
+    # --- deliveries ----------------------------------------------------------------------------
+
+    def _on_message(self, pika_channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        channel = self._channel
+        if channel is None or channel.pika is not pika_channel:
+            return  # from before a reconnect
+        channel.ack_through(method.delivery_tag)
+        subscribers = self._subscribers.get(method.routing_key)
+        if not subscribers:
+            return  # an author nobody here follows any more (its unbind is on its way)
+        message = messages.decode(method, properties, body)
+        if isinstance(message, messages.FollowChange):
+            for subscriber in tuple(subscribers):
+                subscriber.on_follow_change(message.author_id)
+        elif message is not None:
+            # A tuple: a subscriber may close (and leave the set) while it is being written to.
+            for subscriber in tuple(subscribers):
+                subscriber.on_post(message)
+
+    # --- the seam ------------------------------------------------------------------------------
+
+    async def attach(self, subscriber: Subscriber, authors: Iterable[int]) -> None:
+        keys = {wire.control_key(subscriber.user_id)} | {wire.author_key(a) for a in authors}
+        old = self._keys.get(subscriber, set())
+        self._keys[subscriber] = keys
+        for key in keys - old:
+            self._add(subscriber, key)
+        for key in old - keys:
+            self._remove(subscriber, key)
+        await self._bind_all(keys)
+
+    async def follow(self, subscriber: Subscriber, author_id: int) -> None:
+        key = wire.author_key(author_id)
+        self._keys.setdefault(subscriber, set()).add(key)
+        self._add(subscriber, key)
+        await self._bind_all([key])
+
+    async def unfollow(self, subscriber: Subscriber, author_id: int) -> None:
+        key = wire.author_key(author_id)
+        self._keys.get(subscriber, set()).discard(key)
+        self._remove(subscriber, key)
+
+    def detach(self, subscriber: Subscriber) -> None:
+        for key in self._keys.pop(subscriber, ()):
+            self._remove(subscriber, key)
+
+    def _add(self, subscriber: Subscriber, key: str) -> None:
+        self._subscribers.setdefault(key, set()).add(subscriber)
+        self._idle.pop(key, None)  # bound and about to be unbound: keep it
+
+    def _remove(self, subscriber: Subscriber, key: str) -> None:
+        subscribers = self._subscribers.get(key)
+        if subscribers is None:
+            return
+        subscribers.discard(subscriber)
+        if subscribers:
+            return
+        del self._subscribers[key]
+        if key in self._bound:
+            self._idle[key] = asyncio.get_running_loop().time()
+            if self._unbind_timer is None:
+                self._unbind_timer = asyncio.get_running_loop().call_later(
+                    UNBIND_AFTER, self._unbind_idle
+                )
+
+    # --- bindings ------------------------------------------------------------------------------
+
+    async def _bind_all(self, keys: Iterable[str]) -> None:
+        """Return once every key is bound: at once for keys bound already, else after the next
+        flush (binds requested in one loop turn share one burst and one barrier)."""
+        if not self.is_ready and self._setup is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        waiting = []
+        for key in keys:
+            future = self._bound.get(key)
+            if future is None:
+                future = self._bound[key] = asyncio.get_running_loop().create_future()
+                self._to_bind.append(key)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush)
+            if not future.done():
+                waiting.append(future)
+        if waiting:
+            await asyncio.gather(*waiting)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        keys, self._to_bind = self._to_bind, []
+        setup = self._setup
+        if setup is None or not keys:
+            return
+        for key in keys:
+            setup.pika.queue_bind(self.queue, wire.EXCHANGE, key)  # no-wait: one burst
+        barrier = asyncio.ensure_future(self._confirm_bound(setup, keys))
+        self._barriers.add(barrier)
+        barrier.add_done_callback(self._barriers.discard)
+
+    async def _confirm_bound(self, setup: Channel, keys: list[str]) -> None:
+        """A synchronous method after no-wait binds: the broker answers a channel's commands in
+        order, so when it returns, every bind sent before it is in place."""
+        try:
+            await setup.call(setup.pika.queue_declare, self.queue, passive=True)
+        except _AMQP_FAILURES:
+            return  # the channel died: on_broker_lost fails every waiting binding
+        for key in keys:
+            future = self._bound.get(key)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def _unbind_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._unbind_timer = None
+        due = loop.time() - UNBIND_AFTER
+        setup = self._setup
+        for key, since in list(self._idle.items()):
+            if since <= due:
+                del self._idle[key]
+                self._bound.pop(key, None)
+                if setup is not None:
+                    # Unbind has no no-wait form: pika sends it and holds later commands on the
+                    # channel until its reply, so a bind of the same key afterwards still lands
+                    # after it.
+                    setup.pika.queue_unbind(self.queue, wire.EXCHANGE, key)
+        if self._idle:
+            self._unbind_timer = loop.call_later(UNBIND_AFTER / 2, self._unbind_idle)

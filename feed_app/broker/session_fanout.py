@@ -1,0 +1,225 @@
+"""`session` mode, the seed's design: every feed socket has an exclusive queue of its own, bound
+once per followed author and once to the user's control key. The broker does the fan-out.
+
+A delivery is acknowledged once its frame has left the process, so with the consume channels'
+prefetch a slow client holds back its own queue only; when that queue overflows (x-max-length)
+the broker dead-letters the oldest post and the subscriber is told (on_overflow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+import pika.exceptions
+
+from feed_app import wire
+from feed_app.broker import messages
+from feed_app.broker.connection import Broker, BrokerUnavailable, Channel
+from feed_app.fanout import Subscriber
+
+log = logging.getLogger(__name__)
+
+QUEUE_EXPIRES_MS = 60_000  # safety net: an unused session queue vanishes after a minute
+CONSUME_CHANNELS, SETUP_CHANNELS = 4, 2
+_AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
+
+
+class SessionQueue:
+    """One subscriber's queue on the current connection, and the channels it uses."""
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self.subscriber: Subscriber | None = subscriber
+        self.name = f"{subscriber.user_id}.{secrets.token_hex(8)}"
+        self.channel: Channel | None = None  # consumes the queue
+        self.setup: Channel | None = None  # declares, binds, deletes it
+        self.authors: set[int] = set()  # bound on the current connection
+
+    def lost(self) -> None:
+        self.channel = self.setup = None
+        self.authors = set()
+
+    def on_message(self, pika_channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        channel = self.channel
+        if channel is None or channel.pika is not pika_channel:
+            return  # a delivery from before a reconnect; its queue and channel are gone
+        channel.delivered(method.delivery_tag)
+        message = messages.decode(method, properties, body)
+        subscriber = self.subscriber
+        written = None
+        if subscriber is not None and message is not None:
+            if isinstance(message, messages.FollowChange):
+                subscriber.on_follow_change(message.author_id)
+            else:
+                written = subscriber.on_post(message)
+        if written is None or written.done():
+            channel.ack(method.delivery_tag)
+        else:
+            written.add_done_callback(functools.partial(_ack, channel, method.delivery_tag))
+
+    def on_overflow(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.on_overflow()
+
+
+def _ack(channel: Channel, delivery_tag: int, written: asyncio.Future) -> None:
+    if not written.cancelled():
+        written.exception()  # a failed write means the socket closed; nothing to report
+    channel.ack(delivery_tag)
+
+
+class SessionFanout:
+    def __init__(self, broker: Broker, *, queue_max: int, prefetch: int) -> None:
+        self.broker = broker
+        self.queue_max = queue_max
+        self.prefetch = prefetch
+        self._queues: dict[Subscriber, SessionQueue] = {}
+        self._consume: list[Channel] = []
+        self._setup: list[Channel] = []
+        self._round_robin = itertools.count()
+        self._ready = asyncio.Event()
+        self._opening: asyncio.Task | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self.broker.is_open
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    # --- what metrics and tests read ----------------------------------------------------------
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._queues)
+
+    @property
+    def bindings(self) -> int:
+        return sum(len(queue.authors) + 1 for queue in self._queues.values() if queue.channel)
+
+    @property
+    def channels(self) -> int:
+        return len(self._consume) + len(self._setup)
+
+    def queue_of(self, subscriber: Subscriber) -> str | None:
+        queue = self._queues.get(subscriber)
+        return queue.name if queue else None
+
+    # --- the broker's connection ---------------------------------------------------------------
+
+    def on_broker_open(self) -> None:
+        self._opening = asyncio.ensure_future(self._open_channels())
+
+    async def _open_channels(self) -> None:
+        try:
+            consume = [
+                await self.broker.open_channel(prefetch=self.prefetch)
+                for _ in range(CONSUME_CHANNELS)
+            ]
+            setup = [await self.broker.open_channel() for _ in range(SETUP_CHANNELS)]
+        except _AMQP_FAILURES as exc:
+            self.broker.reconnect(f"cannot open session channels ({exc})")
+            return
+        self._consume, self._setup = consume, setup
+        self._ready.set()
+        for subscriber in list(self._queues):
+            subscriber.on_fanout_ready()
+
+    def on_broker_lost(self) -> None:
+        self._consume, self._setup = [], []
+        self._ready.clear()
+        for queue in self._queues.values():
+            queue.lost()  # the exclusive queue died with the connection
+        for subscriber in list(self._queues):
+            subscriber.on_fanout_lost()
+
+    # --- the seam ------------------------------------------------------------------------------
+
+    async def attach(self, subscriber: Subscriber, authors: Iterable[int]) -> None:
+        queue = self._queues.get(subscriber)
+        if queue is None:
+            queue = self._queues[subscriber] = SessionQueue(subscriber)
+        if not self.is_ready:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        try:
+            if queue.channel is None:
+                await self._declare(queue)
+            await self._bind(queue, set(authors))
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def _declare(self, queue: SessionQueue) -> None:
+        turn = next(self._round_robin)
+        channel = self._consume[turn % len(self._consume)]
+        setup = self._setup[turn % len(self._setup)]
+        queue.channel, queue.setup = channel, setup
+        arguments = self.broker.bounded_queue_arguments(self.queue_max, QUEUE_EXPIRES_MS)
+        await setup.call(
+            setup.pika.queue_declare,
+            queue.name,
+            exclusive=True,
+            auto_delete=True,
+            arguments=arguments,
+        )
+        self.broker.watch_overflow(queue.name, queue.on_overflow)
+        assert queue.subscriber is not None
+        # No-wait, like the authors' binds: the barrier after those covers this one too.
+        setup.pika.queue_bind(queue.name, wire.EXCHANGE, wire.control_key(queue.subscriber.user_id))
+        await channel.call(channel.pika.basic_consume, queue.name, queue.on_message)
+        if queue.channel is not channel or not channel.is_open:
+            raise BrokerUnavailable("connection lost while declaring")
+
+    async def _bind(self, queue: SessionQueue, authors: set[int]) -> None:
+        setup = queue.setup
+        assert setup is not None
+        for author_id in queue.authors - authors:
+            setup.pika.queue_unbind(queue.name, wire.EXCHANGE, wire.author_key(author_id))
+        # Without a callback, queue_bind is sent without waiting: all binds go out in one burst,
+        # and the barrier after them returns once every one is in place.
+        for author_id in authors - queue.authors:
+            setup.pika.queue_bind(queue.name, wire.EXCHANGE, wire.author_key(author_id))
+        queue.authors = authors
+        await self._barrier(queue, setup)
+
+    async def _barrier(self, queue: SessionQueue, setup: Channel) -> None:
+        """A synchronous method after no-wait ones: the broker answers a channel's commands in
+        order, so when it returns, every bind sent before it is in place."""
+        await setup.call(setup.pika.queue_declare, queue.name, passive=True)
+        if queue.setup is not setup:
+            raise BrokerUnavailable("connection lost while binding")
+
+    async def follow(self, subscriber: Subscriber, author_id: int) -> None:
+        queue = self._queues.get(subscriber)
+        if queue is None or queue.setup is None:
+            raise BrokerUnavailable("not subscribed on the current connection")
+        try:
+            await self._bind(queue, queue.authors | {author_id})
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def unfollow(self, subscriber: Subscriber, author_id: int) -> None:
+        queue = self._queues.get(subscriber)
+        if queue is None or queue.setup is None:
+            raise BrokerUnavailable("not subscribed on the current connection")
+        try:
+            await self._bind(queue, queue.authors - {author_id})
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    def detach(self, subscriber: Subscriber) -> None:
+        queue = self._queues.pop(subscriber, None)
+        if queue is None:
+            return
+        queue.subscriber = None  # deliveries already on their way are acked, not delivered
+        self.broker.watch_overflow(queue.name, None)
+        setup = queue.setup
+        if setup is not None and setup.is_open:
+            # Deleting the queue also cancels its consumer, and doing it on the setup channel
+            # keeps the slow part (dropping every binding) off the channel that carries others'
+            # acks. Were the connection gone, the exclusive queue would have gone with it.
+            setup.pika.queue_delete(queue.name)

@@ -1,0 +1,91 @@
+"""The seam between feed sessions and the broker: how a session subscribes to authors and how
+their posts come back to it. Two implementations live in the broker layer (feed_app/broker/):
+
+- `session` mode, the seed's design: an exclusive queue per socket, bound once per followed
+  author. The broker does the fan-out: one AMQP delivery per socket per post.
+- `process` mode: one exclusive queue per process, bound once per author that any local session
+  follows (reference-counted), and an in-memory index from author to sessions. One AMQP delivery
+  per process per post; the frame is shared by every socket it is written to.
+
+Both keep the one rule that makes a session exact: `attach` and `follow` return only once every
+live post of those authors is certain to reach the subscriber, so what the session reads from
+PostgreSQL after that, and what arrives live, overlap rather than leave a gap (the session drops
+the overlap by post id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterable
+from typing import Protocol
+
+MODES = ("session", "process")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivery:
+    """A live post: its ids for de-duplication, the websocket frame to forward, and when it was
+    created (for the create-to-send latency)."""
+
+    post_id: int
+    author_id: int
+    frame: bytes
+    created_ms: int | None
+
+
+class Subscriber(Protocol):
+    """What a fan-out calls back: a feed session."""
+
+    user_id: int
+
+    def on_post(self, delivery: Delivery) -> asyncio.Future | None:
+        """A live post of a subscribed author. Returns the pending write when the frame is on its
+        way to the socket (session mode acknowledges the message once it has left the process,
+        so a slow socket holds back its own queue only), else None."""
+
+    def on_follow_change(self, author_id: int) -> None:
+        """The user's follow of this author changed, on some instance."""
+
+    def on_fanout_lost(self) -> None:
+        """Live posts may be missed from now on (the broker connection dropped, the process
+        queue overflowed): hold what arrives until on_fanout_ready."""
+
+    def on_fanout_ready(self) -> None:
+        """Deliveries flow again: attach again and read what was missed from PostgreSQL."""
+
+    def on_overflow(self) -> None:
+        """This subscriber fell too far behind and lost live posts: close it (4008)."""
+
+
+class Fanout(Protocol):
+    @property
+    def is_ready(self) -> bool:
+        """Whether attach can succeed now (the broker is connected and set up)."""
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until is_ready (asyncio.TimeoutError past the timeout)."""
+
+    async def attach(self, subscriber: Subscriber, authors: Iterable[int]) -> None:
+        """Subscribe to exactly these authors and to the user's follow changes. Called again
+        with the new set after a follow list was re-read and on every on_fanout_ready. Raises
+        BrokerUnavailable when the broker is not there; the subscriber stays known to the
+        fan-out and hears on_fanout_ready when it is back."""
+
+    async def follow(self, subscriber: Subscriber, author_id: int) -> None:
+        """Add one author; returns once its live posts are certain to arrive."""
+
+    async def unfollow(self, subscriber: Subscriber, author_id: int) -> None:
+        """Remove one author (posts already on their way may still arrive: the session drops
+        them, since it no longer follows the author)."""
+
+    def detach(self, subscriber: Subscriber) -> None:
+        """Forget the subscriber; nothing is delivered to it afterwards."""
+
+    # What metrics and tests read.
+    subscribers: int  # known subscribers
+    bindings: int  # bindings in place on the broker
+    channels: int  # AMQP channels the fan-out uses
+
+    def queue_of(self, subscriber: Subscriber) -> str | None:
+        """The queue the subscriber's posts come through (shared in process mode)."""
