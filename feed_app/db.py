@@ -38,11 +38,13 @@ class Post:
     author_id: int
     text: str
     created_at: datetime.datetime
+    author_name: str
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "author_id": self.author_id,
+            "author_name": self.author_name,
             "text": self.text,
             "created_at": self.created_at.isoformat(),
         }
@@ -96,6 +98,64 @@ def _create_database_if_missing(dsn: str) -> None:
 # --- queries --------------------------------------------------------------------------------------
 
 _POST_COLUMNS = "id, author_id, text, created_at"
+# A Post row from posts p: the columns, then the author's name from the join.
+_POST_ROW = "p.id, p.author_id, p.text, p.created_at, u.name"
+_JOIN_AUTHOR = "JOIN users u ON u.id = p.author_id"
+
+# A page of the caller's feed, newest first: the caller's own posts and those of the authors the
+# caller follows, with ids below %(before)s; %(depth)s = offset + limit. Two ways to find the
+# page, both bounded whatever the follow list looks like (figures in BENCHMARKS.md, "Feed pages"):
+# - `quick`: when the authors post often, the page is among the newest %(window)s posts, read
+#   backwards along the id index and kept when their author is followed;
+# - otherwise (quick found fewer than depth): the newest post of each author (one index probe
+#   each on posts (author_id, id)); the depth-th newest of those is a floor that every post of
+#   the page is at or above, so at most `depth` authors are read further, each down to the
+#   floor and at most `depth` posts deep.
+# The count of `quick` is computed once and switches one branch off, so only one way runs.
+FEED_PAGE_SQL = f"""
+    WITH authors AS MATERIALIZED (
+        SELECT author_id FROM follows WHERE follower_id = %(user)s
+        UNION ALL SELECT %(user)s
+    ), quick AS MATERIALIZED (
+        SELECT recent.id FROM (
+            SELECT id, author_id FROM posts WHERE id < %(before)s
+            ORDER BY id DESC LIMIT %(window)s
+        ) recent
+        WHERE recent.author_id IN (SELECT author_id FROM authors)
+        ORDER BY recent.id DESC LIMIT %(depth)s
+    ), newest AS MATERIALIZED (
+        SELECT authors.author_id, latest.id
+        FROM authors CROSS JOIN LATERAL (
+            SELECT id FROM posts WHERE author_id = authors.author_id AND id < %(before)s
+            ORDER BY id DESC LIMIT 1
+        ) latest
+    ), floor AS (
+        SELECT CASE WHEN count(*) < %(depth)s THEN 0 ELSE min(id) END AS id
+        FROM (SELECT id FROM newest ORDER BY id DESC LIMIT %(depth)s) deepest
+    ), page AS (
+        SELECT id FROM quick WHERE (SELECT count(*) FROM quick) = %(depth)s
+        UNION ALL
+        SELECT older.id
+        FROM newest CROSS JOIN floor CROSS JOIN LATERAL (
+            SELECT id FROM posts
+            WHERE author_id = newest.author_id AND id < %(before)s AND id >= floor.id
+            ORDER BY id DESC LIMIT %(depth)s
+        ) older
+        WHERE newest.id >= floor.id AND (SELECT count(*) FROM quick) < %(depth)s
+        ORDER BY id DESC OFFSET %(offset)s LIMIT %(limit)s
+    )
+    SELECT {_POST_ROW} FROM page JOIN posts p ON p.id = page.id {_JOIN_AUTHOR}
+    ORDER BY p.id DESC"""
+# How many of the newest posts `quick` reads per post of the page: enough when the followed
+# authors wrote at least 1% of the recent posts.
+FEED_WINDOW_PER_POST = 100
+
+# People whose lower-cased name starts with %(prefix)s (LIKE wildcards escaped): a range scan
+# of users_name_search_idx in its own order (sql/003_people_and_paging.sql).
+USER_SEARCH_SQL = """
+    SELECT id, name FROM users
+    WHERE lower(name) COLLATE "C" LIKE lower(%(prefix)s) || '%%'
+    ORDER BY lower(name) COLLATE "C", id LIMIT %(limit)s"""
 
 
 class Database:
@@ -120,7 +180,7 @@ class Database:
         )
         return cls(pool)
 
-    async def close(self, timeout: float) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         """Close the pool; connections still in use after the timeout are dropped, so that a
         query stuck on a silent server cannot hold a shutdown."""
         self.pool.close()
@@ -180,6 +240,18 @@ class Database:
         [(following,)] = await self._run(sql, (follower_id, author_id))
         return following
 
+    async def search_users(self, prefix: str, limit: int) -> list[tuple[int, str]]:
+        """Users whose name starts with `prefix`, ignoring case, by name then id."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return await self._run(USER_SEARCH_SQL, {"prefix": escaped, "limit": limit})
+
+    async def followed_users(self, user_id: int) -> list[tuple[int, str]]:
+        """The users this user follows, with their names, by name then id."""
+        sql = """
+            SELECT u.id, u.name FROM follows f JOIN users u ON u.id = f.author_id
+            WHERE f.follower_id = %s ORDER BY lower(u.name), u.id"""
+        return await self._run(sql, (user_id,))
+
     async def following(self, user_id: int) -> list[int]:
         sql = "SELECT author_id FROM follows WHERE follower_id = %s"
         return [author_id for (author_id,) in await self._run(sql, (user_id,))]
@@ -204,7 +276,7 @@ class Database:
                 INSERT INTO outbox (post_id, claimed_until)
                 SELECT id, now() + %(lease)s * interval '1 second' FROM post
             )
-            SELECT {_POST_COLUMNS} FROM post"""
+            SELECT {_POST_COLUMNS}, (SELECT name FROM users WHERE id = %(author)s) FROM post"""
         params = {"author": author_id, "text": text, "lease": lease}
         try:
             [row] = await self._run(sql, params, retry=False)
@@ -213,15 +285,20 @@ class Database:
         return Post(*row)
 
     async def get_post(self, post_id: int) -> Post | None:
-        rows = await self._run(f"SELECT {_POST_COLUMNS} FROM posts WHERE id = %s", (post_id,))
+        sql = f"SELECT {_POST_ROW} FROM posts p {_JOIN_AUTHOR} WHERE p.id = %s"
+        rows = await self._run(sql, (post_id,))
         return Post(*rows[0]) if rows else None
 
-    async def feed_page(self, user_id: int, offset: int, limit: int) -> list[Post]:
-        sql = f"""
-            SELECT {", ".join("p." + c for c in _POST_COLUMNS.split(", "))}
-            FROM posts p JOIN follows f ON f.author_id = p.author_id
-            WHERE f.follower_id = %s ORDER BY p.id DESC OFFSET %s LIMIT %s"""
-        return [Post(*row) for row in await self._run(sql, (user_id, offset, limit))]
+    async def feed_page(self, user_id: int, before: int, offset: int, limit: int) -> list[Post]:
+        params = {
+            "user": user_id,
+            "before": before,
+            "depth": offset + limit,
+            "offset": offset,
+            "limit": limit,
+            "window": (offset + limit) * FEED_WINDOW_PER_POST,
+        }
+        return [Post(*row) for row in await self._run(FEED_PAGE_SQL, params)]
 
     async def posts_after(
         self, author_ids: list[int], after_id: int, limit: int, *, newest: bool = False
@@ -233,12 +310,12 @@ class Database:
         nothing twice. With newest=True, the newest `limit` posts instead of the oldest."""
         order = "DESC" if newest else "ASC"
         sql = f"""
-            SELECT c.last_id, {", ".join("p." + c for c in _POST_COLUMNS.split(", "))}
+            SELECT c.last_id, {_POST_ROW}
             FROM post_clock c LEFT JOIN LATERAL (
                 SELECT {_POST_COLUMNS} FROM posts
                 WHERE author_id = ANY(%s) AND id > %s AND id <= c.last_id
                 ORDER BY id {order} LIMIT %s
-            ) p ON true"""
+            ) p ON true LEFT {_JOIN_AUTHOR}"""
         rows = await self._run(sql, (author_ids, after_id, limit))
         posts = [Post(*row[1:]) for row in rows if row[1] is not None]
         posts.sort(key=lambda post: post.id)
@@ -261,8 +338,8 @@ class Database:
                        OR (claimed_until < now() AND post_id <> ALL(%(busy)s))
                     ORDER BY post_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
                 RETURNING post_id)
-            SELECT {_POST_COLUMNS} FROM posts WHERE id IN (SELECT post_id FROM claimed)
-            ORDER BY id"""
+            SELECT {_POST_ROW} FROM posts p {_JOIN_AUTHOR}
+            WHERE p.id IN (SELECT post_id FROM claimed) ORDER BY p.id"""
         params = {"lease": lease, "limit": limit, "mine": mine, "busy": busy}
         return [Post(*row) for row in await self._run(sql, params, retry=False)]
 

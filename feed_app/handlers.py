@@ -23,6 +23,10 @@ MAX_POST_LENGTH = 1000
 MAX_NAME_LENGTH = 64
 PASSWORD_LENGTH = (8, 128)
 MAX_FEED_LIMIT = 100
+# A page at an offset costs one index scan per followed author, each offset + limit deep, so the
+# offset stays small; deeper pages are reached with before=<oldest id shown> (keyset paging).
+MAX_FEED_OFFSET = 100
+MAX_SEARCH_LIMIT = 50
 
 
 class ApiError(tornado.web.HTTPError):
@@ -49,6 +53,14 @@ def int_argument(handler: tornado.web.RequestHandler, name: str, default: int, h
     if not (_digits(value) and int(value) <= high):
         raise ApiError(400, f"{name} must be an integer from 0 to {high}")
     return int(value)
+
+
+def limit_argument(handler: tornado.web.RequestHandler, default: int, high: int) -> int:
+    """The `limit` query argument, from 1 to high; 400 for anything else."""
+    limit = int_argument(handler, "limit", default, high)
+    if limit == 0:
+        raise ApiError(400, f"limit must be an integer from 1 to {high}")
+    return limit
 
 
 def _storable(text: str) -> bool:
@@ -226,14 +238,37 @@ class PostHandler(BaseHandler):
 
 
 class FeedPageHandler(BaseHandler):
+    """A page of the caller's feed (followed authors and the caller), newest first. The next,
+    older page is before=<the last id of this one>."""
+
     async def get(self) -> None:
         caller = self.caller_id()
-        offset = int_argument(self, "offset", 0, 10_000)
-        limit = int_argument(self, "limit", 20, MAX_FEED_LIMIT)
-        if limit == 0:
-            raise ApiError(400, f"limit must be an integer from 1 to {MAX_FEED_LIMIT}")
-        posts = await self.db.feed_page(caller, offset, limit)
+        before = self.get_query_argument("before", None)
+        before = MAX_ID if before is None else parse_id(before, "before")
+        offset = int_argument(self, "offset", 0, MAX_FEED_OFFSET)
+        limit = limit_argument(self, 20, MAX_FEED_LIMIT)
+        posts = await self.db.feed_page(caller, before, offset, limit)
         self.finish({"posts": [post.to_json() for post in posts]})
+
+
+class UserSearchHandler(BaseHandler):
+    """People whose name starts with q (ignoring case), by name."""
+
+    async def get(self) -> None:
+        prefix = self.get_query_argument("q", "")
+        if not 0 < len(prefix) <= MAX_NAME_LENGTH:
+            raise ApiError(400, f"q must be 1 to {MAX_NAME_LENGTH} characters of a name")
+        limit = limit_argument(self, 10, MAX_SEARCH_LIMIT)
+        users = await self.db.search_users(prefix, limit)
+        self.finish({"users": [{"id": user_id, "name": name} for user_id, name in users]})
+
+
+class FollowingListHandler(BaseHandler):
+    """Whom the caller follows, with names, by name."""
+
+    async def get(self) -> None:
+        users = await self.db.followed_users(self.caller_id())
+        self.finish({"following": [{"id": user_id, "name": name} for user_id, name in users]})
 
 
 class HealthHandler(BaseHandler):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
+import subprocess
 
 import psycopg2
 import pytest
@@ -96,3 +98,23 @@ def db_counts(db_dsn):
 
 def with_settings(settings: Settings, **changes) -> Settings:
     return dataclasses.replace(settings, **changes)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line saying whether the browser tests ran, and in which Chromium: CI logs are read
+    with -q, which shows no per-file lines."""
+    outcomes = {
+        outcome: sum("test_page_browser" in report.nodeid for report in reports)
+        for outcome, reports in terminalreporter.stats.items()
+        if outcome in ("passed", "failed", "error", "skipped")
+    }
+    if not any(outcomes.values()):
+        return
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    version = "no Chromium"
+    if chromium:
+        version = subprocess.run(
+            [chromium, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.strip()
+    counts = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items() if n)
+    terminalreporter.write_line(f"browser tests: {counts} ({version})")
