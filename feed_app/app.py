@@ -17,6 +17,7 @@ from feed_app.broker import Broker
 from feed_app.config import Settings
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
+from feed_app.limits import Limits
 from feed_app.metrics import Metrics
 from feed_app.relay import OutboxRelay
 from feed_app.sessions import FeedSession, FeedSocket
@@ -36,6 +37,7 @@ class Service:
         self.metrics = metrics
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
         self.sessions: set[FeedSession] = set()
+        self.limits = Limits(settings, metrics)
         self.server: tornado.httpserver.HTTPServer | None = None
         self.stopping = False
 
@@ -76,9 +78,7 @@ class Service:
 
     def listen(self, sockets: list | None = None) -> None:
         app = make_app(self)
-        self.server = tornado.httpserver.HTTPServer(
-            app, xheaders=True, max_body_size=edge.MAX_READ_BODY
-        )
+        self.server = tornado.httpserver.HTTPServer(app, max_body_size=edge.MAX_READ_BODY)
         if sockets is None:
             self.server.listen(self.settings.port, self.settings.host)
         else:
@@ -103,6 +103,7 @@ class Service:
         except asyncio.TimeoutError:
             log.warning("broker connection did not close in time")
         await self.db.close()
+        self.limits.hashing.shutdown()
         if self.server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.close_all_connections(), 1)
@@ -135,4 +136,5 @@ def make_app(service: Service) -> tornado.web.Application:
         websocket_ping_interval=service.settings.ping_interval,
         websocket_ping_timeout=service.settings.ping_interval,
         websocket_max_message_size=MAX_WS_MESSAGE,
+        trusted_proxies=edge.trusted_networks(service.settings.trusted_proxies),
     )

@@ -8,6 +8,9 @@ import os
 import urllib.parse
 from collections.abc import Sequence
 
+from feed_app.edge import trusted_networks
+from feed_app.limits import Rate, rate
+
 DEV_JWT_SECRET = "dev-secret-change-me"
 
 
@@ -31,6 +34,19 @@ class Settings:
     outbox_lease: float = 10.0
     shutdown_timeout: float = 10.0
     demo: bool = False
+    # Limits (README, "Limits"): each a token bucket per key, or a count per process.
+    login_rate_user: Rate = Rate(10, 60)
+    login_rate_address: Rate = Rate(30, 60)
+    register_rate: Rate = Rate(20, 3600)
+    post_rate: Rate = Rate(30, 60)
+    follow_rate: Rate = Rate(60, 60)
+    # Setting up a socket binds once per followed author: ~0.1 s at 1,000 (BENCHMARKS.md).
+    follow_max: int = 1000
+    hash_workers: int = 1
+    hash_queue: int = 16
+    sockets_per_user: int = 10
+    sockets_max: int = 10_000
+    trusted_proxies: str = ""
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -53,6 +69,17 @@ _OPTIONS = [
     ("ping_interval", "FEED_PING_INTERVAL", "websocket ping interval, seconds"),
     ("outbox_lease", "FEED_OUTBOX_LEASE", "seconds before another process republishes a post"),
     ("shutdown_timeout", "FEED_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take"),
+    ("login_rate_user", "FEED_LOGIN_RATE_USER", "login attempts per user id (N/minute, N/hour)"),
+    ("login_rate_address", "FEED_LOGIN_RATE_ADDRESS", "login attempts per client address"),
+    ("register_rate", "FEED_REGISTER_RATE", "registrations per client address"),
+    ("post_rate", "FEED_POST_RATE", "posts per user"),
+    ("follow_rate", "FEED_FOLLOW_RATE", "follows and unfollows per user"),
+    ("follow_max", "FEED_FOLLOW_MAX", "authors one user may follow"),
+    ("hash_workers", "FEED_HASH_WORKERS", "password hashes computed at once per process"),
+    ("hash_queue", "FEED_HASH_QUEUE", "password hashes waiting before 503"),
+    ("sockets_per_user", "FEED_SOCKETS_PER_USER", "open feed sockets per user per process"),
+    ("sockets_max", "FEED_SOCKETS_MAX", "open feed sockets per process before 503"),
+    ("trusted_proxies", "FEED_TRUSTED_PROXIES", "proxies whose X-Forwarded-For is believed"),
 ]
 
 
@@ -67,7 +94,7 @@ def parse_settings(
     )
     for field, var, text in _OPTIONS:
         default = getattr(defaults, field)
-        kind = type(default)
+        kind = rate if isinstance(default, Rate) else type(default)
         if var in env:
             try:
                 default = kind(env[var])
@@ -81,7 +108,12 @@ def parse_settings(
             help=f"{text} [{var}, now {shown}]",
         )
     parser.add_argument("--demo", action="store_true", help="seed demo users and follows")
-    return Settings(**vars(parser.parse_args(argv)))
+    settings = Settings(**vars(parser.parse_args(argv)))
+    try:
+        trusted_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        parser.error(f"FEED_TRUSTED_PROXIES: {exc}")
+    return settings
 
 
 def redact_url(url: str) -> str:

@@ -26,9 +26,10 @@ MAX_FEED_LIMIT = 100
 
 
 class ApiError(tornado.web.HTTPError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, message)
         self.message = message
+        self.headers = headers or {}  # sent with the error (send_error clears earlier ones)
 
 
 def _digits(value: str | None) -> bool:
@@ -88,6 +89,9 @@ class JsonErrors(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         self.set_status(error_status(status_code, exc))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        if isinstance(exc, ApiError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         self.finish({"error": error_message(status_code, exc, self._reason)})
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -160,7 +164,10 @@ class RegisterHandler(BaseHandler):
             raise ApiError(400, f"name must be 1 to {MAX_NAME_LENGTH} characters")
         if not PASSWORD_LENGTH[0] <= len(password) <= PASSWORD_LENGTH[1]:
             raise ApiError(400, "password must be {} to {} characters".format(*PASSWORD_LENGTH))
-        user_id = await self.db.create_user(name, await auth.hash_password(password))
+        limits = self.service.limits
+        limits.registration(self.request.remote_ip)
+        password_hash = await limits.hashing.run(auth.hash_password_sync, password)
+        user_id = await self.db.create_user(name, password_hash)
         self.set_status(201)
         self.finish({"user_id": user_id})
 
@@ -171,8 +178,10 @@ class LoginHandler(BaseHandler):
         user_id = body["id"]
         if not 0 < user_id <= MAX_ID:
             raise ApiError(400, "id must be a positive integer below 2^63")
+        limits = self.service.limits
+        limits.login_attempt(user_id, self.request.remote_ip)
         stored = await self.db.get_password_hash(user_id)
-        if not await auth.verify_password(body["password"], stored):
+        if not await limits.hashing.run(auth.verify_password_sync, body["password"], stored):
             raise ApiError(401, "wrong user id or password")
         settings = self.service.settings
         self.finish({"token": auth.issue_token(user_id, settings.jwt_secret, settings.token_ttl)})
@@ -196,8 +205,13 @@ class FollowHandler(BaseHandler):
         author = parse_id(author_id, "user id")
         if author == caller:
             raise ApiError(400, "you cannot follow or unfollow yourself")
+        self.service.limits.follow_change(caller)
         await self.require_user(author)
-        await (self.db.follow if self.follow else self.db.unfollow)(caller, author)
+        if not self.follow:
+            await self.db.unfollow(caller, author)
+        elif not await self.db.follow(caller, author, self.service.limits.follow_max):
+            most = self.service.limits.follow_max
+            raise ApiError(409, f"you follow {most} authors, the most allowed; unfollow one first")
         await self.service.relay.publish_follow_change(caller, author)
         self.finish({"user_id": caller, "author_id": author, "following": self.follow})
 
@@ -210,6 +224,7 @@ class CreatePostHandler(BaseHandler):
             raise ApiError(400, "text must not be empty")
         if len(text) > MAX_POST_LENGTH:
             raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
+        self.service.limits.post(author)
         relay = self.service.relay
         post = await self.db.insert_post(author, text, relay.lease)
         relay.publish(post)

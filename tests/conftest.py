@@ -13,10 +13,34 @@ import pytest
 from feed_app.app import Service, make_app
 from feed_app.config import Settings
 from feed_app.db import prepare_database
+from feed_app.limits import rate
 from tests.support import Api
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 AMQP_URL = os.environ.get("FEED_AMQP_URL", Settings.amqp_url)
+
+# Limits far above anything a test does, except where a test checks the limit itself: the suite
+# registers, logs in and posts as hundreds of users from 127.0.0.1. For service subprocesses.
+NO_LIMITS_ENV = {
+    "FEED_LOGIN_RATE_USER": "1000000/second",
+    "FEED_LOGIN_RATE_ADDRESS": "1000000/second",
+    "FEED_REGISTER_RATE": "1000000/second",
+    "FEED_POST_RATE": "1000000/second",
+    "FEED_FOLLOW_RATE": "1000000/second",
+    "FEED_HASH_QUEUE": "100000",
+    "FEED_SOCKETS_PER_USER": "100000",
+    "FEED_SOCKETS_MAX": "100000",
+}
+NO_LIMITS = {
+    "login_rate_user": rate("1000000/second"),
+    "login_rate_address": rate("1000000/second"),
+    "register_rate": rate("1000000/second"),
+    "post_rate": rate("1000000/second"),
+    "follow_rate": rate("1000000/second"),
+    "hash_queue": 100_000,
+    "sockets_per_user": 100_000,
+    "sockets_max": 100_000,
+}
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +66,9 @@ def db_dsn():
 
 @pytest.fixture
 def settings(db_dsn) -> Settings:
-    return Settings(db_dsn=db_dsn, amqp_url=AMQP_URL, outbox_lease=1.0, ping_interval=5.0)
+    return Settings(
+        db_dsn=db_dsn, amqp_url=AMQP_URL, outbox_lease=1.0, ping_interval=5.0, **NO_LIMITS
+    )
 
 
 @pytest.fixture

@@ -106,7 +106,10 @@ async def test_feed_socket_is_refused_before_the_upgrade(api, settings, service)
     expired = auth.issue_token(user.id, settings.jwt_secret, ttl=-10)
     ghost = auth.issue_token(10**12, settings.jwt_secret, ttl=60)
     cases = {
-        f"/post/feed/{user.id}": (401, "missing token query parameter"),
+        f"/post/feed/{user.id}": (
+            401,
+            "missing token: subprotocols 'feed, bearer.<token>' or ?token=",
+        ),
         f"/post/feed/{user.id}?token=garbage": (401, "invalid token"),
         f"/post/feed/{user.id}?token={expired}": (401, "token expired"),
         f"/post/feed/{user.id}?token={other.token}": (403, "token belongs to another user"),
