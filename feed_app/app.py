@@ -130,6 +130,7 @@ def make_app(service: Service) -> tornado.web.Application:
             (r"/healthz", handlers.HealthHandler, s),
             (r"/readyz", handlers.ReadyHandler, s),
             (r"/metrics", handlers.MetricsHandler, s),
+            (r"/openapi\.json", handlers.OpenApiHandler, s),
         ],
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args=s,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -279,6 +280,15 @@ class MetricsHandler(BaseHandler):
             extra["feed_outbox_backlog"] = await self.db.outbox_backlog()
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.service.metrics.render(extra))
+
+
+class OpenApiHandler(BaseHandler):
+    """The API's contract, checked in beside the code (tests keep the two in step)."""
+
+    DOCUMENT = (pathlib.Path(__file__).resolve().parent / "openapi.json").read_bytes()
+
+    def get(self) -> None:
+        self.finish(self.DOCUMENT)
 
 
 class NotFoundHandler(BaseHandler):

@@ -15,6 +15,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from tests import contract
+
 PASSWORD = "correct horse"
 
 
@@ -59,6 +61,8 @@ class Api:
         )
         response = await AsyncHTTPClient().fetch(request, raise_error=False)
         decoded = json.loads(response.body) if response.body else None
+        # Every answer a test sees is held to the OpenAPI document.
+        contract.check(method, path, response.code, decoded, response.headers["Content-Type"])
         return response.code, decoded, response.headers
 
     async def new_user(self, name: str = "") -> User:
