@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import json
 import logging
 import pathlib
@@ -62,6 +63,13 @@ def _storable(text: str) -> bool:
     return "\x00" not in text
 
 
+def _whole_number(value: decimal.Decimal) -> int | decimal.Decimal:
+    """JSON has one kind of number: 5.0 and 5e0 are the integer 5 as much as 5 is (JSON Schema
+    agrees). Numbers with a point or exponent are parsed as Decimal, so this is exact."""
+    whole = value.is_finite() and abs(value) <= MAX_ID and value == value.to_integral_value()
+    return int(value) if whole else value
+
+
 def error_message(status_code: int, exc: BaseException | None, reason: str) -> str:
     """The text of the {"error"} body for an exception a handler raised (or Tornado did)."""
     if isinstance(exc, ApiError):
@@ -93,7 +101,19 @@ class JsonErrors(tornado.web.RequestHandler):
         if isinstance(exc, ApiError):
             for name, value in exc.headers.items():
                 self.set_header(name, value)
+        if status_code == 405:  # RFC 9110: a 405 lists the methods that are allowed
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.finish({"error": error_message(status_code, exc, self._reason)})
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this handler implements (Tornado answers the others with 405)."""
+        base = tornado.web.RequestHandler
+        return [
+            method
+            for method in cls.SUPPORTED_METHODS
+            if getattr(cls, method.lower()) is not getattr(base, method.lower())
+        ]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, DatabaseUnavailable | UnknownUser):
@@ -126,7 +146,7 @@ class BaseHandler(JsonErrors):
     def json_body(self, fields: dict[str, type]) -> dict[str, Any]:
         """The request's JSON object, with each named field present and of its type."""
         try:
-            body = json.loads(self.request.body or b"")
+            body = json.loads(self.request.body or b"", parse_float=decimal.Decimal)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "request body must be valid JSON") from exc
         except RecursionError as exc:
@@ -135,6 +155,8 @@ class BaseHandler(JsonErrors):
             raise ApiError(400, "request body must be a JSON object")
         for name, kind in fields.items():
             value = body.get(name)
+            if kind is int and isinstance(value, decimal.Decimal):
+                value = body[name] = _whole_number(value)
             # bool is an int in Python, but true is not a user id.
             if value is None or not isinstance(value, kind) or isinstance(value, bool):
                 raise ApiError(400, f"field '{name}' is required and must be {kind.__name__}")
@@ -161,7 +183,7 @@ class RegisterHandler(BaseHandler):
     async def post(self) -> None:
         body = self.json_body({"name": str, "password": str})
         name, password = body["name"].strip(), body["password"]
-        if not 0 < len(name) <= MAX_NAME_LENGTH:
+        if not name or len(body["name"]) > MAX_NAME_LENGTH:
             raise ApiError(400, f"name must be 1 to {MAX_NAME_LENGTH} characters")
         if not PASSWORD_LENGTH[0] <= len(password) <= PASSWORD_LENGTH[1]:
             raise ApiError(400, "password must be {} to {} characters".format(*PASSWORD_LENGTH))
