@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import sys
 
 import psycopg2
 import pytest
@@ -107,3 +108,11 @@ def db_counts(db_dsn):
 
 def with_settings(settings: Settings, **changes) -> Settings:
     return dataclasses.replace(settings, **changes)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many requests the fuzzing sent (tests/test_fuzz.py), when it ran."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz and sum(fuzz.REQUESTS.values()):
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(fuzz.REQUESTS.items()))
+        terminalreporter.write_line(f"fuzzing: {sum(fuzz.REQUESTS.values())} requests ({counts})")
