@@ -47,6 +47,7 @@ class Settings:
     sockets_per_user: int = 10
     sockets_max: int = 10_000
     trusted_proxies: str = ""
+    refusal_delay: float = 1.0
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -80,6 +81,7 @@ _OPTIONS = [
     ("sockets_per_user", "FEED_SOCKETS_PER_USER", "open feed sockets per user per process"),
     ("sockets_max", "FEED_SOCKETS_MAX", "open feed sockets per process before 503"),
     ("trusted_proxies", "FEED_TRUSTED_PROXIES", "proxies whose X-Forwarded-For is believed"),
+    ("refusal_delay", "FEED_REFUSAL_DELAY", "seconds a 429 waits at most before it is sent"),
 ]
 
 

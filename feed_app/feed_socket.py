@@ -60,7 +60,7 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
             # not call it again, so a session opened now would never be closed.
             return
         # The slot is held until the socket closes: super().get() returns only then.
-        with self.service.limits.sockets.slot(self.user_id):
+        async with self.service.limits.sockets.slot(self.user_id):
             await super().get(user_id)
 
     def _check_handshake(self) -> None:

@@ -188,7 +188,7 @@ class RegisterHandler(BaseHandler):
         if not PASSWORD_LENGTH[0] <= len(password) <= PASSWORD_LENGTH[1]:
             raise ApiError(400, "password must be {} to {} characters".format(*PASSWORD_LENGTH))
         limits = self.service.limits
-        limits.registration(self.request.remote_ip)
+        await limits.registration(self.request.remote_ip)
         password_hash = await limits.hashing.run(auth.hash_password_sync, password)
         user_id = await self.db.create_user(name, password_hash)
         self.set_status(201)
@@ -202,7 +202,7 @@ class LoginHandler(BaseHandler):
         if not 0 < user_id <= MAX_ID:
             raise ApiError(400, "id must be a positive integer below 2^63")
         limits = self.service.limits
-        limits.login_attempt(user_id, self.request.remote_ip)
+        await limits.login_attempt(user_id, self.request.remote_ip)
         stored = await self.db.get_password_hash(user_id)
         if not await limits.hashing.run(auth.verify_password_sync, body["password"], stored):
             raise ApiError(401, "wrong user id or password")
@@ -228,7 +228,7 @@ class FollowHandler(BaseHandler):
         author = parse_id(author_id, "user id")
         if author == caller:
             raise ApiError(400, "you cannot follow or unfollow yourself")
-        self.service.limits.follow_change(caller)
+        await self.service.limits.follow_change(caller)
         await self.require_user(author)
         if not self.follow:
             await self.db.unfollow(caller, author)
@@ -247,7 +247,7 @@ class CreatePostHandler(BaseHandler):
             raise ApiError(400, "text must not be empty")
         if len(text) > MAX_POST_LENGTH:
             raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
-        self.service.limits.post(author)
+        await self.service.limits.post(author)
         relay = self.service.relay
         post = await self.db.insert_post(author, text, relay.lease)
         relay.publish(post)

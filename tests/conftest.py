@@ -31,6 +31,7 @@ NO_LIMITS_ENV = {
     "FEED_HASH_QUEUE": "100000",
     "FEED_SOCKETS_PER_USER": "100000",
     "FEED_SOCKETS_MAX": "100000",
+    "FEED_REFUSAL_DELAY": "0",
 }
 NO_LIMITS = {
     "login_rate_user": rate("1000000/second"),
@@ -41,6 +42,7 @@ NO_LIMITS = {
     "hash_queue": 100_000,
     "sockets_per_user": 100_000,
     "sockets_max": 100_000,
+    "refusal_delay": 0.0,
 }
 
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 
 import pytest
 import tornado.netutil
@@ -224,3 +225,17 @@ async def test_a_trusted_proxy_names_the_client(api):
     assert (await login(api, user.id, headers=first))[0] == 401
     assert_refused(await login(api, user.id, headers=spoofed))
     assert (await login(api, user.id, headers={"X-Forwarded-For": "198.51.100.3"}))[0] == 401
+
+
+@limited(post_rate=rate("1/minute"), refusal_delay=0.5)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_refusal_is_answered_only_after_the_refusal_delay(api):
+    """A client that loops (the next attempt when the answer comes) is slowed to one attempt
+    per delay; a request within the limit is not delayed."""
+    author = await api.new_user()
+    started = time.monotonic()
+    await api.post(author)
+    assert time.monotonic() - started < 0.4
+    started = time.monotonic()
+    assert_refused(await api.request("POST", "/post/create", {"text": "x"}, token=author.token))
+    assert 0.45 <= time.monotonic() - started < 5

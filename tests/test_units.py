@@ -8,7 +8,8 @@ import pytest
 from feed_app.broker import Channel
 from feed_app.config import Settings, parse_settings, redact_url
 from feed_app.edge import client_address, trusted_networks
-from feed_app.limits import Rate, TokenBuckets, address_key, rate
+from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
+from feed_app.metrics import Metrics
 from feed_app.sessions import SeenPosts
 
 
@@ -146,3 +147,20 @@ def test_clients_are_counted_by_ipv4_address_or_ipv6_64():
     assert address_key("::ffff:192.0.2.1") == "192.0.2.1"
     assert address_key("2001:db8:1:2:3:4:5:6") == address_key("2001:db8:1:2::9")
     assert address_key("2001:db8:1:2::9") != address_key("2001:db8:1:3::9")
+
+
+def test_past_the_most_held_refusals_the_next_goes_out_at_once():
+    async def scenario() -> None:
+        refusals = SlowRefusals(delay=10, metrics=Metrics(), most=1)
+        held = asyncio.ensure_future(refusals.refuse(LimitExceeded(429, "held", 30)))
+        await asyncio.sleep(0)
+        assert refusals.held == 1
+        with pytest.raises(LimitExceeded) as refused:
+            await asyncio.wait_for(refusals.refuse(LimitExceeded(429, "at once", 30)), 1)
+        assert refused.value.message == "at once"
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert refusals.held == 0 and refusals.metrics.limit_refusals == 2
+
+    asyncio.run(scenario())
