@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
 import re
-import secrets
 import statistics
 import subprocess
 import sys
@@ -33,11 +31,10 @@ from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import psycopg2
 from tornado.httpclient import AsyncHTTPClient
 
 from bench.delivery_delay import delays, describe, new_user, open_follower
-from bench.processes import ManagedProcess, free_port, wait_ready
+from bench.processes import own_service
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -106,38 +103,15 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     print(f"median under flood / quiet: {ratio:.2f}")
 
 
-def use_random_ids(dsn: str) -> None:
-    """New users get ids from a random block above 10^12, as in the load test: posts are routed
-    by author id on a broker that other deployments share."""
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-        first = 10**12 + secrets.randbelow(9 * 10**5) * 10**7
-        cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (first,))
-    conn.close()
-
-
 async def run(args: argparse.Namespace) -> None:
     if args.url:
         await measure(args.url.rstrip("/"), args)
         return
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
-    env.update(
-        FEED_DB_DSN=args.db_dsn,
-        FEED_AMQP_URL=args.amqp_url,
-        FEED_JWT_SECRET=secrets.token_hex(32),
-        FEED_POST_RATE="1000000/second",
-    )
-    env.update(setting.split("=", 1) for setting in args.service_env)
-    argv = [sys.executable, str(REPO / "run.py"), "--port", str(port)]
+    settings = {"FEED_POST_RATE": "1000000/second"}
+    settings.update(setting.split("=", 1) for setting in args.service_env)
     log = REPO / "bench" / "results" / "login_flood.service.log"
-    service = ManagedProcess("the service", argv, log, env=env, cwd=REPO)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, 60, service)
-        await asyncio.to_thread(use_random_ids, args.db_dsn)
+    async with own_service(args.db_dsn, args.amqp_url, settings, log) as url:
         await measure(url, args)
-    finally:
-        service.stop()
 
 
 def main() -> None:
