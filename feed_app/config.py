@@ -40,7 +40,7 @@ class Settings:
     register_rate: Rate = Rate(20, 3600)
     post_rate: Rate = Rate(30, 60)
     follow_rate: Rate = Rate(60, 60)
-    # Setting up a socket binds once per followed author: ~0.1 s at 1,000 (BENCHMARKS.md).
+    # A socket binds once per followed author: the cap bounds its set-up (README, "Limits").
     follow_max: int = 1000
     hash_workers: int = 1
     hash_queue: int = 16

@@ -71,9 +71,9 @@ class LimitExceeded(ApiError):
 class SlowRefusals:
     """Answers a refusal past a rate or socket limit only after min(Retry-After, `delay`)
     seconds. A client that loops (sends its next attempt when the answer comes) then costs one
-    request per `delay` instead of as many as the process can refuse: measured, 30 loops got
-    ~800 immediate refusals a second, enough to triple the delivery delay for everyone else.
-    A waiting refusal holds only its connection; past `most` of them, refusals go out at once."""
+    request per `delay` instead of as many as the process can refuse, which took more CPU from
+    delivery than the password hashes had (BENCHMARKS.md, "Hostile clients"). A waiting refusal
+    holds only its connection; past `most` of them, refusals go out at once."""
 
     def __init__(self, delay: float, metrics: Metrics, most: int = 1000) -> None:
         self.delay = delay
