@@ -115,6 +115,11 @@ def parse_settings(
         trusted_networks(settings.trusted_proxies)
     except ValueError as exc:
         parser.error(f"FEED_TRUSTED_PROXIES: {exc}")
+    for field in ("hash_workers", "sockets_per_user", "sockets_max", "follow_max"):
+        if getattr(settings, field) < 1:
+            parser.error(f"--{field.replace('_', '-')} must be at least 1")
+    if settings.refusal_delay < 0:
+        parser.error("--refusal-delay must not be negative")
     return settings
 
 

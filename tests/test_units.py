@@ -108,6 +108,9 @@ def test_rates_parse_from_settings_and_refuse_nonsense(capsys):
     with pytest.raises(SystemExit):
         parse_settings([], {"FEED_TRUSTED_PROXIES": "10.0.0.0/8, proxy.example"})
     assert "FEED_TRUSTED_PROXIES" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--hash-workers", "0"], {})
+    assert "--hash-workers must be at least 1" in capsys.readouterr().err
 
 
 def test_token_bucket_allows_a_burst_then_refills_and_forgets_full_buckets():
