@@ -5,6 +5,7 @@
 
 Posts go one at a time (each waits until both sessions have it), so the figure is the delay of
 one post through an idle service: HTTP, commit, outbox publish, broker, session, websocket.
+A running service's FEED_POST_RATE must allow the posts (login_flood.py sets it).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ async def new_user(base: str) -> tuple[int, str]:
     return user_id, token
 
 
-async def main(base: str, count: int) -> None:
+async def open_follower(base: str) -> tuple[str, list]:
+    """An author (its token) and a follower with two open sessions, both past `ready`."""
     (author, author_token), (follower, follower_token) = await new_user(base), await new_user(base)
     await call(base, "PUT", f"/friend/set/{author}", token=follower_token)
     ws_url = base.replace("http", "ws", 1) + f"/post/feed/{follower}?token={follower_token}"
@@ -45,7 +47,12 @@ async def main(base: str, count: int) -> None:
     for ws in sessions:
         while json.loads(await ws.read_message())["type"] != "ready":
             pass
-    delays: list[float] = []
+    return author_token, sessions
+
+
+async def delays(base: str, author_token: str, sessions: list, count: int) -> list[float]:
+    """Seconds from each POST to its arrival on each session; one post at a time."""
+    measured: list[float] = []
     for i in range(count):
         started = time.perf_counter()
         post = await call(base, "POST", "/post/create", {"text": f"delay {i}"}, author_token)
@@ -54,12 +61,22 @@ async def main(base: str, count: int) -> None:
             while message["type"] != "post":  # checkpoints come now and then too
                 message = json.loads(await asyncio.wait_for(ws.read_message(), 5))
             assert message["post"]["id"] == post["id"], message
-            delays.append(time.perf_counter() - started)
-    ms = sorted(d * 1000 for d in delays)
-    print(
-        f"{count} posts x 2 sessions: median {statistics.median(ms):.2f} ms, "
-        f"p90 {ms[int(len(ms) * 0.9)]:.2f} ms, worst {ms[-1]:.2f} ms"
+            measured.append(time.perf_counter() - started)
+    return measured
+
+
+def describe(seconds: list[float]) -> str:
+    ms = sorted(d * 1000 for d in seconds)
+    return (
+        f"median {statistics.median(ms):.2f} ms, p90 {ms[int(len(ms) * 0.9)]:.2f} ms, "
+        f"worst {ms[-1]:.2f} ms"
     )
+
+
+async def main(base: str, count: int) -> None:
+    author_token, sessions = await open_follower(base)
+    measured = await delays(base, author_token, sessions, count)
+    print(f"{count} posts x 2 sessions: {describe(measured)}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TOKEN_TTL = 24 * 3600
 HTTP_MAX_CLIENTS = 200
 MAX_POSTS_IN_FLIGHT = 500
+# The service this script starts measures delivery, not its limits: a popular author posts many
+# times a second and one process holds 10,000 sockets. Instances given with --url need the same.
+UNLIMITED = {
+    "FEED_POST_RATE": "1000000/second",
+    "FEED_FOLLOW_RATE": "1000000/second",
+    "FEED_SOCKETS_PER_USER": "1000000",
+    "FEED_SOCKETS_MAX": "1000000",
+}
 
 # Values used when an option is not given: a full run, and --smoke.
 FULL = {"users": 2000, "sessions": 2500, "follows": 20, "rate": 50.0, "duration": 10.0}
@@ -302,6 +310,7 @@ class LoadTest:
             "FEED_DB_DSN": args.db_dsn,
             "FEED_AMQP_URL": args.amqp_url,
             "FEED_JWT_SECRET": secret,
+            **UNLIMITED,
         }
         argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(args.workers)]

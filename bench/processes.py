@@ -13,12 +13,15 @@ import contextlib
 import os
 import pathlib
 import re
+import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
+import psycopg2
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from bench.procstats import descendants
@@ -111,6 +114,36 @@ async def wait_ready(url: str, timeout: float, process: ManagedProcess | None = 
             last_error = type(exc).__name__
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last_error})")
+
+
+@contextlib.asynccontextmanager
+async def own_service(
+    db_dsn: str, amqp_url: str, settings: dict[str, str], log_path: pathlib.Path
+) -> AsyncIterator[str]:
+    """run.py on a free port with a random JWT secret and these FEED_* settings (nothing else
+    from the environment), its users' ids from a random block above 10^12 as in the load test
+    (posts are routed by author id on a broker others share); yields its URL, stops it after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
+    env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
+    env.update(settings)
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(repo / "run.py"), "--port", str(port)]
+    service = ManagedProcess("the service", argv, log_path, env=env, cwd=repo)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(url, 60, service)
+        await asyncio.to_thread(_ids_from_a_random_block, db_dsn)
+        yield url
+    finally:
+        service.stop()
+
+
+def _ids_from_a_random_block(dsn: str) -> None:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        first = 10**12 + secrets.randbelow(9 * 10**5) * 10**7
+        cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (first,))
+    conn.close()
 
 
 # --- the service's log ---------------------------------------------------------------------------

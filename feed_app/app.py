@@ -17,6 +17,7 @@ from feed_app.broker import Broker, make_fanout
 from feed_app.config import Settings
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
+from feed_app.limits import Limits
 from feed_app.metrics import Metrics
 from feed_app.relay import OutboxRelay
 from feed_app.sessions import FeedSession, FeedSocket
@@ -42,6 +43,7 @@ class Service:
         self.metrics = metrics
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
         self.sessions: set[FeedSession] = set()
+        self.limits = Limits(settings, metrics)
         self.server: tornado.httpserver.HTTPServer | None = None
         self.stopping = False
 
@@ -82,9 +84,7 @@ class Service:
 
     def listen(self, sockets: list | None = None) -> None:
         app = make_app(self)
-        self.server = tornado.httpserver.HTTPServer(
-            app, xheaders=True, max_body_size=edge.MAX_READ_BODY
-        )
+        self.server = tornado.httpserver.HTTPServer(app, max_body_size=edge.MAX_READ_BODY)
         if sockets is None:
             self.server.listen(self.settings.port, self.settings.host)
         else:
@@ -109,6 +109,7 @@ class Service:
         except asyncio.TimeoutError:
             log.warning("broker connection did not close in time")
         await self.db.close(max(0.1, deadline - time.monotonic()))
+        self.limits.hashing.shutdown()
         if self.server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.close_all_connections(), 1)
@@ -137,10 +138,12 @@ def make_app(service: Service) -> tornado.web.Application:
             (r"/healthz", handlers.HealthHandler, s),
             (r"/readyz", handlers.ReadyHandler, s),
             (r"/metrics", handlers.MetricsHandler, s),
+            (r"/openapi\.json", handlers.OpenApiHandler, s),
         ],
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args=s,
         websocket_ping_interval=service.settings.ping_interval,
         websocket_ping_timeout=service.settings.ping_interval,
         websocket_max_message_size=MAX_WS_MESSAGE,
+        trusted_proxies=edge.trusted_networks(service.settings.trusted_proxies),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
@@ -16,7 +15,7 @@ import jwt
 from feed_app.wire import MAX_ID
 
 # scrypt with n=2**14, r=8 costs ~16 MiB and some tens of milliseconds per hash: slow for an
-# attacker with a stolen table, and run in a thread so the event loop never waits for it.
+# attacker with a stolen table. Callers run it on limits.HashPool's threads, never on the loop.
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
@@ -38,15 +37,6 @@ def verify_password_sync(password: str, stored: str | None) -> bool:
         return False
     _, salt, digest = stored.split("$")
     return hmac.compare_digest(_scrypt(password, base64.b64decode(salt)), base64.b64decode(digest))
-
-
-async def hash_password(password: str) -> str:
-    return await asyncio.get_running_loop().run_in_executor(None, hash_password_sync, password)
-
-
-async def verify_password(password: str, stored: str | None) -> bool:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, verify_password_sync, password, stored)
 
 
 class InvalidToken(Exception):

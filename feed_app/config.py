@@ -8,7 +8,9 @@ import os
 import urllib.parse
 from collections.abc import Sequence
 
+from feed_app.edge import trusted_networks
 from feed_app.fanout import MODES
+from feed_app.limits import Rate, rate
 
 DEV_JWT_SECRET = "dev-secret-change-me"
 
@@ -36,6 +38,20 @@ class Settings:
     outbox_lease: float = 10.0
     shutdown_timeout: float = 10.0
     demo: bool = False
+    # Limits (README, "Limits"): each a token bucket per key, or a count per process.
+    login_rate_user: Rate = Rate(10, 60)
+    login_rate_address: Rate = Rate(30, 60)
+    register_rate: Rate = Rate(20, 3600)
+    post_rate: Rate = Rate(30, 60)
+    follow_rate: Rate = Rate(60, 60)
+    # A socket binds once per followed author: the cap bounds its set-up (README, "Limits").
+    follow_max: int = 1000
+    hash_workers: int = 1
+    hash_queue: int = 16
+    sockets_per_user: int = 10
+    sockets_max: int = 10_000
+    trusted_proxies: str = ""
+    refusal_delay: float = 1.0
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -60,6 +76,18 @@ _OPTIONS = [
     ("ping_interval", "FEED_PING_INTERVAL", "websocket ping interval, seconds"),
     ("outbox_lease", "FEED_OUTBOX_LEASE", "seconds before another process republishes a post"),
     ("shutdown_timeout", "FEED_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take"),
+    ("login_rate_user", "FEED_LOGIN_RATE_USER", "login attempts per user id (N/minute, N/hour)"),
+    ("login_rate_address", "FEED_LOGIN_RATE_ADDRESS", "login attempts per client address"),
+    ("register_rate", "FEED_REGISTER_RATE", "registrations per client address"),
+    ("post_rate", "FEED_POST_RATE", "posts per user"),
+    ("follow_rate", "FEED_FOLLOW_RATE", "follows and unfollows per user"),
+    ("follow_max", "FEED_FOLLOW_MAX", "authors one user may follow"),
+    ("hash_workers", "FEED_HASH_WORKERS", "password hashes computed at once per process"),
+    ("hash_queue", "FEED_HASH_QUEUE", "password hashes waiting before 503"),
+    ("sockets_per_user", "FEED_SOCKETS_PER_USER", "open feed sockets per user per process"),
+    ("sockets_max", "FEED_SOCKETS_MAX", "open feed sockets per process before 503"),
+    ("trusted_proxies", "FEED_TRUSTED_PROXIES", "proxies whose X-Forwarded-For is believed"),
+    ("refusal_delay", "FEED_REFUSAL_DELAY", "seconds a 429 waits at most before it is sent"),
 ]
 
 _CHOICES = {"fanout": MODES}
@@ -76,7 +104,7 @@ def parse_settings(
     )
     for field, var, text in _OPTIONS:
         default = getattr(defaults, field)
-        kind = type(default)
+        kind = rate if isinstance(default, Rate) else type(default)
         if var in env:
             try:
                 default = kind(env[var])
@@ -94,7 +122,17 @@ def parse_settings(
             help=f"{text} [{var}, now {shown}]",
         )
     parser.add_argument("--demo", action="store_true", help="seed demo users and follows")
-    return Settings(**vars(parser.parse_args(argv)))
+    settings = Settings(**vars(parser.parse_args(argv)))
+    try:
+        trusted_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        parser.error(f"FEED_TRUSTED_PROXIES: {exc}")
+    for field in ("hash_workers", "sockets_per_user", "sockets_max", "follow_max"):
+        if getattr(settings, field) < 1:
+            parser.error(f"--{field.replace('_', '-')} must be at least 1")
+    if settings.refusal_delay < 0:
+        parser.error("--refusal-delay must not be negative")
+    return settings
 
 
 def redact_url(url: str) -> str:

@@ -224,12 +224,26 @@ class Database:
         rows = await self._run("SELECT password_hash FROM users WHERE id = %s", (user_id,))
         return rows[0][0] if rows else None
 
-    async def follow(self, follower_id: int, author_id: int) -> None:
-        sql = "INSERT INTO follows (follower_id, author_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+    async def follow(self, follower_id: int, author_id: int, most: int) -> bool:
+        """Follow, unless the follower already follows `most` others (then False). Following
+        an author again is a no-op. Concurrent follows of one user each count the follows
+        committed before them, so together they can pass `most` by the number in flight."""
+        sql = """
+            WITH mine AS (
+                SELECT count(*) AS n, bool_or(author_id = %(author)s) AS already
+                FROM follows WHERE follower_id = %(follower)s
+            ), added AS (
+                INSERT INTO follows (follower_id, author_id)
+                SELECT %(follower)s, %(author)s FROM mine WHERE n < %(most)s
+                ON CONFLICT DO NOTHING
+            )
+            SELECT n < %(most)s OR coalesce(already, false) FROM mine"""
+        params = {"follower": follower_id, "author": author_id, "most": most}
         try:
-            await self._run(sql, (follower_id, author_id))  # idempotent, so safe to retry
+            [(allowed,)] = await self._run(sql, params)  # idempotent, so safe to retry
         except psycopg2.errors.ForeignKeyViolation as exc:
             raise UnknownUser(f"user {follower_id} or {author_id} does not exist") from exc
+        return allowed
 
     async def unfollow(self, follower_id: int, author_id: int) -> None:
         sql = "DELETE FROM follows WHERE follower_id = %s AND author_id = %s"

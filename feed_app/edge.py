@@ -1,8 +1,10 @@
 """The service's edge, before any handler runs: oversized bodies get a JSON 413 without being
-read, and secrets in query strings never reach a log."""
+read, secrets in query strings never reach a log, and the client's address is the TCP peer's
+unless that peer is a trusted proxy."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -88,6 +90,52 @@ class RefuseLargeBodies(tornado.httputil.HTTPMessageDelegate):
         self.delegate.on_connection_close()
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(text: str) -> tuple[Network, ...]:
+    """'10.0.0.5, 10.1.0.0/16, ::1': addresses and CIDR networks; ValueError for anything else."""
+    return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",") if part.strip())
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
+    """The client's address: the TCP peer's, unless the peer is a trusted proxy; then the
+    right-most address of X-Forwarded-For that is not a trusted proxy itself (each proxy appends
+    the address it got the request from, so entries left of the last untrusted one may be forged
+    by the client)."""
+    address = peer
+    ip = _ip(peer)
+    if not (ip and forwarded_for and any(ip in network for network in trusted)):
+        return address
+    for entry in reversed(forwarded_for.split(",")):
+        ip = _ip(entry)
+        if ip is None:  # a garbled entry: nothing left of it can be trusted
+            return address
+        address = str(ip)
+        if not any(ip in network for network in trusted):
+            return address
+    return address
+
+
 class FeedApplication(tornado.web.Application):
+    """Its settings take `trusted_proxies`, a tuple of networks (trusted_networks)."""
+
     def start_request(self, server_conn, request_conn):  # type: ignore[no-untyped-def]
         return RefuseLargeBodies(super().start_request(server_conn, request_conn), request_conn)
+
+    def find_handler(self, request, **kwargs):  # type: ignore[no-untyped-def]
+        # Called once per request before any handler: from here on, remote_ip (used by limits
+        # and the access log) is the client's. The HTTP server runs without xheaders, so
+        # remote_ip starts as the TCP peer and no client can set it by a header.
+        forwarded_for = request.headers.get("X-Forwarded-For")
+        trusted = self.settings.get("trusted_proxies", ())
+        request.remote_ip = client_address(request.remote_ip, forwarded_for, trusted)
+        return super().find_handler(request, **kwargs)

@@ -1,8 +1,9 @@
-"""The feed websocket handler: GET /post/feed/<user_id>?token=...[&since=<post id>].
+"""The feed websocket handler: GET /post/feed/<user_id>[?since=<post id>], with the token in the
+subprotocols (`Sec-WebSocket-Protocol: feed, bearer.<token>`) or in the query (`?token=`).
 
-Everything is checked before the upgrade, Tornado's own handshake checks included, so a refused
-client gets an HTTP status and a JSON error rather than a socket that opens and closes at once,
-or an HTML page.
+Everything is checked before the upgrade, Tornado's own handshake checks and the limits on open
+sockets included, so a refused client gets an HTTP status and a JSON error rather than a socket
+that opens and closes at once, or an HTML page, and never gets a queue.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
     from feed_app.app import Service
 
 WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
+# A browser can send subprotocols but no Authorization header: `new WebSocket(url, ["feed",
+# "bearer." + token])` keeps the token out of URLs, which proxies and browser history keep. The
+# server selects "feed", never the token, so the token is not echoed back.
+FEED_PROTOCOL = "feed"
+BEARER_PREFIX = "bearer."
 
 
 class StrictUtf8Protocol(tornado.websocket.WebSocketProtocol13):
@@ -53,7 +59,9 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
             # The client hung up while we checked; Tornado has already called on_close and will
             # not call it again, so a session opened now would never be closed.
             return
-        await super().get(user_id)
+        # The slot is held until the socket closes: super().get() returns only then.
+        async with self.service.limits.sockets.slot(self.user_id):
+            await super().get(user_id)
 
     def _check_handshake(self) -> None:
         """What WebSocketHandler.get checks, answered in JSON instead of text or HTML."""
@@ -74,9 +82,7 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
 
     async def _authorize(self, user_id_text: str) -> None:
         user_id = parse_id(user_id_text, "user id")
-        token = self.get_query_argument("token", "")
-        if not token:
-            raise ApiError(401, "missing token query parameter")
+        token = self._token()
         try:
             token_user = auth.user_id_from_token(token, self.service.settings.jwt_secret)
         except auth.InvalidToken as exc:
@@ -88,6 +94,25 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         if self.get_query_argument("since", None) is not None:
             self.since = int_argument(self, "since", 0, MAX_ID)
         self.user_id = user_id
+
+    def _offered_protocols(self) -> list[str]:
+        header = self.request.headers.get("Sec-WebSocket-Protocol", "")
+        return [name.strip() for name in header.split(",") if name.strip()]
+
+    def _token(self) -> str:
+        offered = self._offered_protocols()
+        bearer = [name[len(BEARER_PREFIX) :] for name in offered if name.startswith(BEARER_PREFIX)]
+        if bearer:
+            if FEED_PROTOCOL not in offered:
+                raise ApiError(400, "offer the 'feed' subprotocol beside 'bearer.<token>'")
+            return bearer[0]
+        token = self.get_query_argument("token", "")
+        if not token:
+            raise ApiError(401, "missing token: subprotocols 'feed, bearer.<token>' or ?token=")
+        return token
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        return FEED_PROTOCOL if FEED_PROTOCOL in subprotocols else None
 
     def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
         protocol = super().get_websocket_protocol()

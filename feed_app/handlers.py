@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import json
 import logging
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -30,9 +32,10 @@ MAX_SEARCH_LIMIT = 50
 
 
 class ApiError(tornado.web.HTTPError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, message)
         self.message = message
+        self.headers = headers or {}  # sent with the error (send_error clears earlier ones)
 
 
 def _digits(value: str | None) -> bool:
@@ -72,6 +75,13 @@ def _storable(text: str) -> bool:
     return "\x00" not in text
 
 
+def _whole_number(value: decimal.Decimal) -> int | decimal.Decimal:
+    """JSON has one kind of number: 5.0 and 5e0 are the integer 5 as much as 5 is (JSON Schema
+    agrees). Numbers with a point or exponent are parsed as Decimal, so this is exact."""
+    whole = value.is_finite() and abs(value) <= MAX_ID and value == value.to_integral_value()
+    return int(value) if whole else value
+
+
 def error_message(status_code: int, exc: BaseException | None, reason: str) -> str:
     """The text of the {"error"} body for an exception a handler raised (or Tornado did)."""
     if isinstance(exc, ApiError):
@@ -100,7 +110,22 @@ class JsonErrors(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         self.set_status(error_status(status_code, exc))
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        if isinstance(exc, ApiError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        if status_code == 405:  # RFC 9110: a 405 lists the methods that are allowed
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.finish({"error": error_message(status_code, exc, self._reason)})
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this handler implements (Tornado answers the others with 405)."""
+        base = tornado.web.RequestHandler
+        return [
+            method
+            for method in cls.SUPPORTED_METHODS
+            if getattr(cls, method.lower()) is not getattr(base, method.lower())
+        ]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, DatabaseUnavailable | UnknownUser):
@@ -133,7 +158,7 @@ class BaseHandler(JsonErrors):
     def json_body(self, fields: dict[str, type]) -> dict[str, Any]:
         """The request's JSON object, with each named field present and of its type."""
         try:
-            body = json.loads(self.request.body or b"")
+            body = json.loads(self.request.body or b"", parse_float=decimal.Decimal)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "request body must be valid JSON") from exc
         except RecursionError as exc:
@@ -142,6 +167,8 @@ class BaseHandler(JsonErrors):
             raise ApiError(400, "request body must be a JSON object")
         for name, kind in fields.items():
             value = body.get(name)
+            if kind is int and isinstance(value, decimal.Decimal):
+                value = body[name] = _whole_number(value)
             # bool is an int in Python, but true is not a user id.
             if value is None or not isinstance(value, kind) or isinstance(value, bool):
                 raise ApiError(400, f"field '{name}' is required and must be {kind.__name__}")
@@ -168,11 +195,14 @@ class RegisterHandler(BaseHandler):
     async def post(self) -> None:
         body = self.json_body({"name": str, "password": str})
         name, password = body["name"].strip(), body["password"]
-        if not 0 < len(name) <= MAX_NAME_LENGTH:
+        if not name or len(body["name"]) > MAX_NAME_LENGTH:
             raise ApiError(400, f"name must be 1 to {MAX_NAME_LENGTH} characters")
         if not PASSWORD_LENGTH[0] <= len(password) <= PASSWORD_LENGTH[1]:
             raise ApiError(400, "password must be {} to {} characters".format(*PASSWORD_LENGTH))
-        user_id = await self.db.create_user(name, await auth.hash_password(password))
+        limits = self.service.limits
+        await limits.registration(self.request.remote_ip)
+        password_hash = await limits.hashing.run(auth.hash_password_sync, password)
+        user_id = await self.db.create_user(name, password_hash)
         self.set_status(201)
         self.finish({"user_id": user_id})
 
@@ -183,8 +213,10 @@ class LoginHandler(BaseHandler):
         user_id = body["id"]
         if not 0 < user_id <= MAX_ID:
             raise ApiError(400, "id must be a positive integer below 2^63")
+        limits = self.service.limits
+        await limits.login_attempt(user_id, self.request.remote_ip)
         stored = await self.db.get_password_hash(user_id)
-        if not await auth.verify_password(body["password"], stored):
+        if not await limits.hashing.run(auth.verify_password_sync, body["password"], stored):
             raise ApiError(401, "wrong user id or password")
         settings = self.service.settings
         self.finish({"token": auth.issue_token(user_id, settings.jwt_secret, settings.token_ttl)})
@@ -208,8 +240,13 @@ class FollowHandler(BaseHandler):
         author = parse_id(author_id, "user id")
         if author == caller:
             raise ApiError(400, "you cannot follow or unfollow yourself")
+        await self.service.limits.follow_change(caller)
         await self.require_user(author)
-        await (self.db.follow if self.follow else self.db.unfollow)(caller, author)
+        if not self.follow:
+            await self.db.unfollow(caller, author)
+        elif not await self.db.follow(caller, author, self.service.limits.follow_max):
+            most = self.service.limits.follow_max
+            raise ApiError(409, f"you follow {most} authors, the most allowed; unfollow one first")
         await self.service.relay.publish_follow_change(caller, author)
         self.finish({"user_id": caller, "author_id": author, "following": self.follow})
 
@@ -222,6 +259,7 @@ class CreatePostHandler(BaseHandler):
             raise ApiError(400, "text must not be empty")
         if len(text) > MAX_POST_LENGTH:
             raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
+        await self.service.limits.post(author)
         relay = self.service.relay
         post = await self.db.insert_post(author, text, relay.lease)
         relay.publish(post)
@@ -299,6 +337,15 @@ class MetricsHandler(BaseHandler):
             extra["feed_outbox_backlog"] = await self.db.outbox_backlog()
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.service.metrics.render(extra))
+
+
+class OpenApiHandler(BaseHandler):
+    """The API's contract, checked in beside the code (tests keep the two in step)."""
+
+    DOCUMENT = (pathlib.Path(__file__).resolve().parent / "openapi.json").read_bytes()
+
+    def get(self) -> None:
+        self.finish(self.DOCUMENT)
 
 
 class NotFoundHandler(BaseHandler):

@@ -32,6 +32,8 @@ class Metrics:
         self.publishes = 0
         self.broker_reconnects = 0
         self.slow_client_closes = 0
+        self.password_hashes = 0
+        self.limit_refusals = 0
         self.delivery_latency = Histogram(
             [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5]
         )
@@ -43,6 +45,8 @@ class Metrics:
             "feed_publishes_total": ("posts confirmed by the broker", self.publishes),
             "feed_broker_reconnects_total": ("AMQP reconnections", self.broker_reconnects),
             "feed_slow_client_closes_total": ("sockets closed with 4008", self.slow_client_closes),
+            "feed_password_hashes_total": ("scrypt hashes computed", self.password_hashes),
+            "feed_limit_refusals_total": ("requests refused by a limit", self.limit_refusals),
         }
         lines = []
         for name, (text, value) in counters.items():

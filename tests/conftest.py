@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 
 import psycopg2
 import pytest
@@ -16,10 +17,36 @@ from feed_app.app import Service, make_app
 from feed_app.config import Settings
 from feed_app.db import prepare_database
 from feed_app.fanout import MODES
+from feed_app.limits import rate
 from tests.support import Api
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 AMQP_URL = os.environ.get("FEED_AMQP_URL", Settings.amqp_url)
+
+# Limits far above anything a test does, except where a test checks the limit itself: the suite
+# registers, logs in and posts as hundreds of users from 127.0.0.1. For service subprocesses.
+NO_LIMITS_ENV = {
+    "FEED_LOGIN_RATE_USER": "1000000/second",
+    "FEED_LOGIN_RATE_ADDRESS": "1000000/second",
+    "FEED_REGISTER_RATE": "1000000/second",
+    "FEED_POST_RATE": "1000000/second",
+    "FEED_FOLLOW_RATE": "1000000/second",
+    "FEED_HASH_QUEUE": "100000",
+    "FEED_SOCKETS_PER_USER": "100000",
+    "FEED_SOCKETS_MAX": "100000",
+    "FEED_REFUSAL_DELAY": "0",
+}
+NO_LIMITS = {
+    "login_rate_user": rate("1000000/second"),
+    "login_rate_address": rate("1000000/second"),
+    "register_rate": rate("1000000/second"),
+    "post_rate": rate("1000000/second"),
+    "follow_rate": rate("1000000/second"),
+    "hash_queue": 100_000,
+    "sockets_per_user": 100_000,
+    "sockets_max": 100_000,
+    "refusal_delay": 0.0,
+}
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +83,12 @@ def fanout_mode(request) -> str:
 @pytest.fixture
 def settings(db_dsn, fanout_mode) -> Settings:
     return Settings(
-        db_dsn=db_dsn, amqp_url=AMQP_URL, outbox_lease=1.0, ping_interval=5.0, fanout=fanout_mode
+        db_dsn=db_dsn,
+        amqp_url=AMQP_URL,
+        outbox_lease=1.0,
+        ping_interval=5.0,
+        fanout=fanout_mode,
+        **NO_LIMITS,
     )
 
 
@@ -101,8 +133,13 @@ def with_settings(settings: Settings, **changes) -> Settings:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """One line saying whether the browser tests ran, and in which Chromium: CI logs are read
-    with -q, which shows no per-file lines."""
+    """One line saying whether the browser tests ran, and in which Chromium, and one saying how
+    many requests the fuzzing sent: CI logs are read with -q, which shows no per-file lines."""
+    _report_browser_tests(terminalreporter)
+    _report_fuzzing(terminalreporter)
+
+
+def _report_browser_tests(terminalreporter) -> None:
     outcomes = {
         outcome: sum("test_page_browser" in report.nodeid for report in reports)
         for outcome, reports in terminalreporter.stats.items()
@@ -118,3 +155,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         ).stdout.strip()
     counts = ", ".join(f"{n} {outcome}" for outcome, n in outcomes.items() if n)
     terminalreporter.write_line(f"browser tests: {counts} ({version})")
+
+
+def _report_fuzzing(terminalreporter) -> None:
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz and sum(fuzz.REQUESTS.values()):
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(fuzz.REQUESTS.items()))
+        terminalreporter.write_line(f"fuzzing: {sum(fuzz.REQUESTS.values())} requests ({counts})")

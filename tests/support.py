@@ -12,7 +12,10 @@ from typing import Any
 import pika
 import pika.exceptions
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from tests import contract
 
 PASSWORD = "correct horse"
 
@@ -36,7 +39,20 @@ class Api:
         token: str | None = None,
         raw: bytes | None = None,
     ) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        code, body, _ = await self.request(method, path, body, token, raw)
+        return code, body
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, HTTPHeaders]:
+        """The status, the decoded JSON body and the headers of one request."""
+        headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         if data is None and method in ("POST", "PUT"):
             data = b""
@@ -44,7 +60,10 @@ class Api:
             self.base_url + path, method, headers=headers, body=data, request_timeout=10
         )
         response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        return response.code, json.loads(response.body) if response.body else None
+        decoded = json.loads(response.body) if response.body else None
+        # Every answer a test sees is held to the OpenAPI document.
+        contract.check(method, path, response.code, decoded, response.headers["Content-Type"])
+        return response.code, decoded, response.headers
 
     async def new_user(self, name: str = "") -> User:
         code, body = await self.call(
@@ -79,8 +98,11 @@ class Api:
         url = f"{self.ws_url}/post/feed/{user.id}?token={user.token}"
         return Feed(await asyncio.wait_for(websocket_connect(url), timeout))
 
-    async def open_feed_at(self, path: str, timeout: float = 10) -> Feed:
-        ws = await asyncio.wait_for(websocket_connect(self.ws_url + path), timeout)
+    async def open_feed_at(
+        self, path: str, timeout: float = 10, subprotocols: list[str] | None = None
+    ) -> Feed:
+        connecting = websocket_connect(self.ws_url + path, subprotocols=subprotocols)
+        ws = await asyncio.wait_for(connecting, timeout)
         feed = Feed(ws)
         await feed.wait_ready(timeout)
         return feed

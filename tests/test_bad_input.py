@@ -37,12 +37,16 @@ async def test_bad_register_and_login(api, db_counts):
         ("POST", "/user/register", {"body": {"name": 5, "password": PASSWORD}}, 400),
         ("POST", "/user/register", {"body": {"name": "  ", "password": PASSWORD}}, 400),
         ("POST", "/user/register", {"body": {"name": "n" * 65, "password": PASSWORD}}, 400),
+        # 64 characters once stripped, but 65 as sent: the OpenAPI maxLength counts as sent.
+        ("POST", "/user/register", {"body": {"name": " " + "n" * 64, "password": PASSWORD}}, 400),
         ("POST", "/user/register", {"body": {"name": "ann", "password": "short"}}, 400),
         ("POST", "/user/register", {"body": {"name": "ann", "password": None}}, 400),
         ("POST", "/user/register", {"body": {"name": "a\x00b", "password": PASSWORD}}, 400),
         ("POST", "/user/register", {"raw": b'{"name": "\\ud800", "password": "longenough"}'}, 400),
         ("POST", "/login", {"body": {"id": str(user.id), "password": PASSWORD}}, 400),
         ("POST", "/login", {"body": {"id": True, "password": PASSWORD}}, 400),
+        ("POST", "/login", {"raw": b'{"id": 1.5, "password": "x"}'}, 400),
+        ("POST", "/login", {"raw": b'{"id": 1e400, "password": "x"}'}, 400),
         ("POST", "/login", {"body": {"id": 0, "password": PASSWORD}}, 400),
         ("POST", "/login", {"body": {"id": -user.id, "password": PASSWORD}}, 400),
         ("POST", "/login", {"body": {"id": 2**70, "password": PASSWORD}}, 400),
@@ -106,7 +110,10 @@ async def test_feed_socket_is_refused_before_the_upgrade(api, settings, service)
     expired = auth.issue_token(user.id, settings.jwt_secret, ttl=-10)
     ghost = auth.issue_token(10**12, settings.jwt_secret, ttl=60)
     cases = {
-        f"/post/feed/{user.id}": (401, "missing token query parameter"),
+        f"/post/feed/{user.id}": (
+            401,
+            "missing token: subprotocols 'feed, bearer.<token>' or ?token=",
+        ),
         f"/post/feed/{user.id}?token=garbage": (401, "invalid token"),
         f"/post/feed/{user.id}?token={expired}": (401, "token expired"),
         f"/post/feed/{user.id}?token={other.token}": (403, "token belongs to another user"),
@@ -242,3 +249,34 @@ async def test_invalid_utf8_text_frame_closes_with_1007(api):
     # A text frame (opcode 0x1) the client library would never produce from a str.
     feed.ws.protocol._write_frame(True, 0x1, b"\xff\xfe not utf-8")
     assert await feed.wait_closed() == 1007
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_405_names_the_allowed_methods(api):
+    """RFC 9110 asks a 405 for an Allow header (found by the fuzzing: it had none)."""
+    host = api.base_url.removeprefix("http://")
+    cases = {
+        "TRACE /": "GET, HEAD",
+        "DELETE /login": "POST",
+        "POST /post/feed/1": "GET",
+        "GET /friend/set/1": "PUT",
+        "PATCH /openapi.json": "GET",
+    }
+    for request_line, allowed in cases.items():
+        request = f"{request_line} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+        code, headers, body = await raw_http(api.base_url, request.encode())
+        assert (code, headers.get("allow")) == (405, allowed), (request_line, body)
+        assert json.loads(body)["error"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_ids_written_with_a_point_or_exponent_are_integers_as_json_schema_says(api):
+    """{"id": 12.0} is the integer 12 in JSON and in the OpenAPI document (the fuzzing sent
+    one, and got 400); exact at any size, since such numbers are parsed as Decimal."""
+    user = await api.new_user()
+    for written in (f"{user.id}.0", f"{user.id}.000", f"{user.id / 10**13}e13"):
+        raw = f'{{"id": {written}, "password": "{PASSWORD}"}}'.encode()
+        code, body = await api.call("POST", "/login", raw=raw)
+        assert code == 200, (written, body)
+    raw = f'{{"id": {user.id + 1}.0, "password": "{PASSWORD}"}}'.encode()
+    assert (await api.call("POST", "/login", raw=raw))[0] == 401

@@ -190,7 +190,7 @@ async def test_a_follow_made_while_the_session_reads_its_follows_is_not_missed(
         result = await read_following(user_id)
         reads += 1
         if reads == 1:
-            await service.db.follow(follower.id, author.id)  # and no announcement
+            await service.db.follow(follower.id, author.id, most=1)  # and no announcement
         return result
 
     monkeypatch.setattr(service.db, "following", following_then_a_follow_lands)

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -557,14 +558,20 @@ async def test_find_by_name_follow_and_see_posts_live_with_names(browser, api, d
 
 @pytest.mark.gen_test(timeout=60)
 async def test_reload_keeps_you_logged_in_and_an_expired_token_returns_to_login(
-    browser, api, settings
+    browser, api, settings, caplog
 ):
     author, reader = await api.new_user("Dana Wu"), await api.new_user("Eli Park")
     await api.follow(reader, author)
     post = await api.post(author, "still here after a reload")
     page = await browser.new_page()
+    caplog.set_level(logging.INFO)
     await log_in_with_keyboard(page, reader)
     await wait_shown(page, post)
+    # The token goes as a subprotocol: not in the socket's URL, nor in any log line.
+    assert await page.evaluate("socket.protocol") == "feed"
+    assert reader.token not in await page.evaluate("socket.url")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"/post/feed/{reader.id}" in logged and reader.token not in logged
 
     await page.reload()
     assert not await page.evaluate("document.getElementById('logged-in').hidden")

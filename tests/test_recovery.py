@@ -21,7 +21,7 @@ from tornado.websocket import websocket_connect
 
 from feed_app.config import Settings
 from feed_app.wire import Close
-from tests.conftest import AMQP_URL, both_fanout_modes, with_settings
+from tests.conftest import AMQP_URL, NO_LIMITS_ENV, both_fanout_modes, with_settings
 from tests.faults import (
     ServiceProcess,
     TcpProxy,
@@ -86,6 +86,7 @@ def processes(tmp_path, db_dsn, settings) -> Iterator[Callable[..., ServiceProce
 
     def make(port: int | None = None, args: tuple[str, ...] = (), **env: str) -> ServiceProcess:
         environment = {
+            **NO_LIMITS_ENV,
             "FEED_DB_DSN": db_dsn,
             "FEED_AMQP_URL": AMQP_URL,
             "FEED_JWT_SECRET": settings.jwt_secret,  # tokens from the in-process service work

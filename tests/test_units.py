@@ -6,7 +6,10 @@ import time
 import pytest
 
 from feed_app.broker.connection import Channel
-from feed_app.config import parse_settings, redact_url
+from feed_app.config import Settings, parse_settings, redact_url
+from feed_app.edge import client_address, trusted_networks
+from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
+from feed_app.metrics import Metrics
 from feed_app.sessions import SeenPosts
 
 
@@ -90,3 +93,77 @@ def test_a_cached_token_still_expires():
         auth.user_id_from_token(token, "secret")
     with pytest.raises(auth.InvalidToken):
         auth.user_id_from_token(token, "another secret")
+
+
+def test_rates_parse_from_settings_and_refuse_nonsense(capsys):
+    settings = parse_settings(["--post-rate", "5/hour"], {"FEED_FOLLOW_RATE": "7/90"})
+    assert (settings.post_rate, settings.follow_rate) == (Rate(5, 3600), Rate(7, 90))
+    assert str(Settings().login_rate_user) == "10/minute" and str(Rate(7, 90)) == "7/90"
+    for bad in ("0/minute", "5", "5/fortnight", "-1/second", "5/0"):
+        with pytest.raises(ValueError):
+            rate(bad)
+    with pytest.raises(SystemExit):
+        parse_settings([], {"FEED_POST_RATE": "lots"})
+    assert "FEED_POST_RATE='lots' is not a valid rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings([], {"FEED_TRUSTED_PROXIES": "10.0.0.0/8, proxy.example"})
+    assert "FEED_TRUSTED_PROXIES" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings(["--hash-workers", "0"], {})
+    assert "--hash-workers must be at least 1" in capsys.readouterr().err
+
+
+def test_token_bucket_allows_a_burst_then_refills_and_forgets_full_buckets():
+    now = [1000.0]
+    buckets = TokenBuckets(Rate(3, 60), clock=lambda: now[0])
+    for _ in range(3):
+        assert buckets.wait("a") == 0
+        buckets.take("a")
+    assert buckets.wait("a") == pytest.approx(20)  # one token per 20 s
+    assert buckets.wait("b") == 0
+    now[0] += 15
+    assert buckets.wait("a") == pytest.approx(5)
+    now[0] += 5
+    buckets.take("a")
+    now[0] += 60
+    buckets.take("b")  # a sweep: "a" is full again, so forgotten; "b" was just used
+    assert len(buckets) == 1
+
+
+def test_client_address_believes_x_forwarded_for_only_from_a_trusted_proxy():
+    proxies = trusted_networks("10.0.0.0/8, ::1")
+    assert client_address("192.0.2.1", "198.51.100.1", ()) == "192.0.2.1"
+    assert client_address("192.0.2.1", "198.51.100.1", proxies) == "192.0.2.1"
+    assert client_address("10.1.2.3", None, proxies) == "10.1.2.3"
+    assert client_address("10.1.2.3", "198.51.100.1", proxies) == "198.51.100.1"
+    # Left of the last untrusted entry, everything may be forged by the client.
+    assert client_address("10.1.2.3", "1.1.1.1, 198.51.100.1, 10.0.0.9", proxies) == (
+        "198.51.100.1"
+    )
+    assert client_address("::1", "garbage", proxies) == "::1"
+    assert client_address("::ffff:10.0.0.1", " 198.51.100.1 ", proxies) == "198.51.100.1"
+    assert client_address("10.0.0.1", "10.0.0.2", proxies) == "10.0.0.2"  # only proxies
+
+
+def test_clients_are_counted_by_ipv4_address_or_ipv6_64():
+    assert address_key("192.0.2.1") == "192.0.2.1"
+    assert address_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert address_key("2001:db8:1:2:3:4:5:6") == address_key("2001:db8:1:2::9")
+    assert address_key("2001:db8:1:2::9") != address_key("2001:db8:1:3::9")
+
+
+def test_past_the_most_held_refusals_the_next_goes_out_at_once():
+    async def scenario() -> None:
+        refusals = SlowRefusals(delay=10, metrics=Metrics(), most=1)
+        held = asyncio.ensure_future(refusals.refuse(LimitExceeded(429, "held", 30)))
+        await asyncio.sleep(0)
+        assert refusals.held == 1
+        with pytest.raises(LimitExceeded) as refused:
+            await asyncio.wait_for(refusals.refuse(LimitExceeded(429, "at once", 30)), 1)
+        assert refused.value.message == "at once"
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert refusals.held == 0 and refusals.metrics.limit_refusals == 2
+
+    asyncio.run(scenario())

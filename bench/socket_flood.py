@@ -1,0 +1,100 @@
+"""Many feed sockets opened at once with one token: how many open, how the rest are refused,
+and whether RabbitMQ got a queue for any refused one.
+
+    .venv/bin/python bench/socket_flood.py                 # 1,000 sockets, the default limits
+    .venv/bin/python bench/socket_flood.py --sockets 1000 --concurrency 200
+
+Starts the service (run.py on a free port, database feed_bench_flood, default limits), registers
+one user, then opens --sockets websockets to its feed with its token, --concurrency handshakes
+at a time, and keeps the opened ones open. While they are open it lists RabbitMQ's queues
+(`rabbitmqctl list_queues`, run once) and counts those of this user (named <user id>.<random>);
+then it closes everything and counts again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import subprocess
+import sys
+import time
+from collections import Counter
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from bench.delivery_delay import new_user
+from bench.processes import own_service
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+async def open_one(url: str, outcomes: Counter, opened: list[WebSocketClientConnection]) -> None:
+    try:
+        ws = await asyncio.wait_for(websocket_connect(url), 60)
+    except HTTPClientError as exc:
+        body = json.loads(exc.response.body) if exc.response and exc.response.body else {}
+        retry = exc.response.headers.get("Retry-After") if exc.response else None
+        outcomes[f"{exc.code} {body.get('error', '?')!r} Retry-After {retry}"] += 1
+        return
+    while json.loads(await asyncio.wait_for(ws.read_message(), 30))["type"] != "ready":
+        pass
+    opened.append(ws)
+    outcomes["101 ready"] += 1
+
+
+def user_queues(user_id: int) -> int:
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return sum(name.startswith(f"{user_id}.") for name in listed)
+
+
+async def measure(base: str, args: argparse.Namespace) -> None:
+    user_id, token = await new_user(base)
+    url = base.replace("http", "ws", 1) + f"/post/feed/{user_id}?token={token}"
+    outcomes: Counter = Counter()
+    opened: list[WebSocketClientConnection] = []
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def gated() -> None:
+        async with gate:
+            await open_one(url, outcomes, opened)
+
+    started = time.monotonic()
+    await asyncio.gather(*(gated() for _ in range(args.sockets)))
+    took = time.monotonic() - started
+    while_open = await asyncio.to_thread(user_queues, user_id)
+    print(f"{args.sockets} sockets with one token, {args.concurrency} at a time, in {took:.1f} s:")
+    for outcome, count in outcomes.most_common():
+        print(f"  {count:>5} {outcome}")
+    print(f"RabbitMQ queues of this user while {len(opened)} sockets are open: {while_open}")
+    for ws in opened:
+        ws.close(1000)
+    await asyncio.sleep(2)  # the service drops each closed socket's queue
+    print(f"after closing them: {await asyncio.to_thread(user_queues, user_id)}")
+
+
+async def run(args: argparse.Namespace) -> None:
+    log = REPO / "bench" / "results" / "socket_flood.service.log"
+    async with own_service(args.db_dsn, args.amqp_url, {}, log) as url:
+        await measure(url, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sockets", type=int, default=1000, help="sockets to open [1000]")
+    parser.add_argument("--concurrency", type=int, default=200, help="handshakes at once [200]")
+    parser.add_argument("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench_flood")
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
