@@ -85,7 +85,11 @@ def parse_settings(
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs."""
+    """The URL without its password, for logs; every URL of a comma-separated list."""
+    return ",".join(_redact_one(one) for one in url.split(","))
+
+
+def _redact_one(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url

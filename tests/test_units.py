@@ -44,6 +44,11 @@ def test_passwords_are_redacted_from_urls():
     assert redact_url("postgresql://127.0.0.1/feed") == "postgresql://127.0.0.1/feed"
 
 
+def test_every_password_of_a_node_list_is_redacted():
+    nodes = "amqp://a:one@h1:5672/%2F,amqp://b:two@h2:5672/%2F,amqp://h3/%2F"
+    assert redact_url(nodes) == "amqp://a:***@h1:5672/%2F,amqp://b:***@h2:5672/%2F,amqp://h3/%2F"
+
+
 class RecordingPikaChannel:
     is_open = True
 
