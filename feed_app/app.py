@@ -50,7 +50,12 @@ class Service:
             metrics.broker_reconnects += 1
 
         urls = [url.strip() for url in settings.amqp_url.split(",") if url.strip()]
-        broker = Broker(urls, prefetch=settings.prefetch, on_reconnect=count_reconnect)
+        broker = Broker(
+            urls,
+            nodes_file=settings.amqp_nodes_file,
+            prefetch=settings.prefetch,
+            on_reconnect=count_reconnect,
+        )
         service = cls(settings, db, broker, metrics)
         broker.start()
         service.relay.start()

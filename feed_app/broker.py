@@ -152,18 +152,49 @@ class Channel:
                 future.set_exception(BrokerUnavailable(f"channel closed: {reason}"))
 
 
+class NodeList:
+    """The RabbitMQ nodes to connect to, in turn: the given URLs, or (when set) the lines of a
+    nodes file, read again at every connection attempt, so that a node added to the cluster
+    while the process runs is used without a restart. An unreadable or empty file falls back to
+    the given URLs."""
+
+    def __init__(self, urls: list[str], nodes_file: str = "") -> None:
+        self.urls = urls
+        self.nodes_file = nodes_file
+        self._turn = 0
+
+    def current(self) -> list[str]:
+        if not self.nodes_file:
+            return self.urls
+        try:
+            with open(self.nodes_file) as lines:
+                urls = [line.strip() for line in lines if line.strip().startswith("amqp")]
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the nodes file (%s); using FEED_AMQP_URL", exc)
+            return self.urls
+        return urls or self.urls
+
+    def next(self) -> str:
+        urls = self.current()
+        url = urls[self._turn % len(urls)]
+        self._turn += 1
+        return url
+
+
 class Broker:
     def __init__(
         self,
         urls: list[str],
         *,
+        nodes_file: str = "",
         consume_channels: int = 4,
         setup_channels: int = 2,
         prefetch: int = 64,
         on_reconnect: Callable[[], None] = lambda: None,
     ) -> None:
         # A cluster is a list of nodes: each connection attempt tries the next one.
-        self._endpoints = itertools.cycle([(url, self._parameters_from(url)) for url in urls])
+        self._nodes = NodeList(urls, nodes_file)
+        self.endpoint = ""  # host:port of the node connected to (or being tried)
         self._channel_counts = (consume_channels, setup_channels)
         self._prefetch = prefetch
         self._on_reconnect = on_reconnect
@@ -222,7 +253,9 @@ class Broker:
         self.state = State.CLOSED
 
     def _connect(self) -> None:
-        url, parameters = next(self._endpoints)
+        url = self._nodes.next()
+        parameters = self._parameters_from(url)
+        self.endpoint = f"{parameters.host}:{parameters.port}"
         log.info("connecting to %s", redact_url(url))
         self.state = State.CONNECTING
         self._connection = AsyncioConnection(
