@@ -34,6 +34,7 @@ from tests.faults import (
     read_until_close,
     until,
     wait_for,
+    wait_for_outbox_without,
     with_endpoint,
 )
 from tests.support import Api, Feed, User, wait_queue_gone
@@ -111,15 +112,6 @@ async def settle(api: Api, author: User, feeds: list[Feed], timeout: float = 10)
 
 async def readyz(api: Api) -> tuple[int, dict]:
     return await api.call("GET", "/readyz")
-
-
-async def wait_for_outbox_without(dsn: str, post_ids: set[int], timeout: float = 5) -> None:
-    """The outbox rows of these posts get deleted (their publication was confirmed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while left := post_ids & await outbox_ids(dsn):
-        assert loop.time() < deadline, f"still in the outbox after {timeout} s: {left}"
-        await asyncio.sleep(0.05)
 
 
 # --- 1. the broker connection drops while sessions are open ---------------------------------------
