@@ -163,8 +163,9 @@ class SteadyAuthor:
                 request_timeout=10,
             )
             try:
+                # Even with raise_error=False, a timeout or a cut connection raises (as 599).
                 response = await AsyncHTTPClient().fetch(request, raise_error=False)
-            except (OSError, StreamClosedError) as exc:
+            except (OSError, StreamClosedError, HTTPClientError) as exc:
                 self.failed += 1
                 self.last_failure = repr(exc)
             else:
@@ -175,6 +176,14 @@ class SteadyAuthor:
                     self.failed += 1
                     self.last_failure = f"{response.code} {response.body[:200]!r}"
             await asyncio.sleep(POST_INTERVAL)
+
+    def state(self) -> str:
+        """'running', or how the posting task ended (a test that fails says why)."""
+        if self._task is None or not self._task.done():
+            return "running"
+        if self._task.cancelled():
+            return "cancelled"
+        return f"ended: {self._task.exception()!r}"
 
     def ids_sent_after(self, moment: float) -> set[int]:
         return {post_id for sent, post_id, _ in self.sent if sent >= moment}
@@ -303,7 +312,8 @@ class Scene:
     def __str__(self) -> str:
         poster = self.poster
         posts = (
-            f"{len(poster.sent)} posts, {poster.failed} failed (last: {poster.last_failure}); "
+            f"{len(poster.sent)} posts, {poster.failed} failed (last: {poster.last_failure}), "
+            f"poster {poster.state()}; "
             if poster
             else ""
         )
