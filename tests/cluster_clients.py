@@ -73,6 +73,12 @@ class ResumingFeed:
         if self._task is not None:
             await asyncio.wait_for(self._task, 5)
 
+    def ended(self) -> str:
+        """'' while the session's task runs, else how it ended (a failing test says why)."""
+        if self._task is None or not self._task.done() or self._task.cancelled():
+            return ""
+        return f" ended: {self._task.exception()!r}"
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         backoff = BACKOFF_FIRST
@@ -319,7 +325,7 @@ class Scene:
         )
         return posts + ", ".join(
             f"[{feed.served_by} live={feed.live} shown={len(feed.shown)} "
-            f"connections={len(feed.connections)} refused={feed.refused}]"
+            f"connections={len(feed.connections)} refused={feed.refused}{feed.ended()}]"
             for feed in self.feeds
         )
 
