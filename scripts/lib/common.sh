@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the scripts that make sure servers are installed and running (sourced, not run).
 # Messages go to stderr prefixed with the calling script's name; a script may set HOWTO to the
 # manual steps that die() messages about installing should end with.
@@ -14,8 +15,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
 
 APT_UPDATED=0
 apt_install() {
-    command -v apt-get >/dev/null 2>&1 && can_root ||
+    if ! { command -v apt-get >/dev/null 2>&1 && can_root; }; then
         die "cannot install $* (needs apt-get and root or passwordless sudo); ${HOWTO:-install it yourself}"
+    fi
     if [ "$APT_UPDATED" = 0 ]; then
         say "apt-get update"
         as_root apt-get update -q >/dev/null
