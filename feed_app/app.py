@@ -58,7 +58,7 @@ class Service:
             metrics.broker_reconnects += 1
 
         urls = [url.strip() for url in settings.amqp_url.split(",") if url.strip()]
-        broker = Broker(urls, on_reconnect=count_reconnect)
+        broker = Broker(urls, nodes_file=settings.amqp_nodes_file, on_reconnect=count_reconnect)
         service = cls(settings, db, broker, metrics)
         broker.start()
         service.relay.start()
@@ -103,7 +103,7 @@ class Service:
             await self.relay.flush(deadline)
         except Exception as exc:  # shutdown goes on; the lease hands leftovers to another process
             log.warning("outbox not flushed: %s", exc)
-        await self.relay.stop()
+        await self.relay.stop(max(0.1, deadline - time.monotonic()))
         try:
             await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:

@@ -22,6 +22,7 @@ class Settings:
     # No user: libpq logs in as the OS user, like psql (scripts/ensure-services checks that works).
     db_dsn: str = "postgresql://127.0.0.1:5432/feed"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    amqp_nodes_file: str = ""
     jwt_secret: str = DEV_JWT_SECRET
     token_ttl: int = 24 * 3600
     workers: int = 1
@@ -64,6 +65,11 @@ _OPTIONS = [
     ("host", "FEED_HOST", "address to listen on"),
     ("db_dsn", "FEED_DB_DSN", "PostgreSQL DSN; the database is created if missing"),
     ("amqp_url", "FEED_AMQP_URL", "RabbitMQ URL; several, comma-separated, for a cluster"),
+    (
+        "amqp_nodes_file",
+        "FEED_AMQP_NODES_FILE",
+        "file of RabbitMQ URLs, one a line, re-read at each connection attempt",
+    ),
     ("jwt_secret", "FEED_JWT_SECRET", "HS256 key for login tokens (a dev default warns)"),
     ("token_ttl", "FEED_TOKEN_TTL", "token lifetime, seconds"),
     ("workers", "FEED_WORKERS", "processes sharing the port (0 = one per core)"),
@@ -136,7 +142,11 @@ def parse_settings(
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs."""
+    """The URL without its password, for logs; every URL of a comma-separated list."""
+    return ",".join(_redact_one(one) for one in url.split(","))
+
+
+def _redact_one(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url

@@ -327,7 +327,8 @@ class ReadyHandler(BaseHandler):
             self.set_status(503)
             self.finish({"error": "; ".join(problems)})
         else:
-            self.finish({"status": "ready"})
+            # Which RabbitMQ node this instance uses (host:port), for operators and the tests.
+            self.finish({"status": "ready", "broker": self.service.broker.endpoint})
 
 
 class MetricsHandler(BaseHandler):

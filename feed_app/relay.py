@@ -44,6 +44,7 @@ class OutboxRelay:
         self._tasks: set[asyncio.Task] = set()
         self._wake_deleter = asyncio.Event()
         self._wake_sweeper = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         self.broker.listeners.append(self)
@@ -84,7 +85,7 @@ class OutboxRelay:
     async def _delete_confirmed(self) -> None:
         """Delete confirmed rows in batches: one statement per DELETE_LINGER, not one per post.
         A row deleted late costs nothing but outbox space; its post was already published."""
-        while True:
+        while not self._stopping:
             await self._wake_deleter.wait()
             await asyncio.sleep(DELETE_LINGER)
             self._wake_deleter.clear()
@@ -106,7 +107,7 @@ class OutboxRelay:
         pass
 
     async def _sweep(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake_sweeper.wait(), self.lease / 2)
             self._wake_sweeper.clear()
@@ -149,12 +150,17 @@ class OutboxRelay:
             await self.db.delete_outbox(list(self._confirmed))
             self._confirmed.clear()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float) -> None:
+        """Stop the loops. They also check _stopping: a cancellation that lands as a query
+        completes can be swallowed inside aiopg (asyncio.wait_for, Python 3.11), and a loop that
+        lost it would go on for ever, holding the shutdown."""
+        self._stopping = True
         if self in self.broker.listeners:
             self.broker.listeners.remove(self)
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
     # --- follow changes ----------------------------------------------------------------------
 

@@ -3,7 +3,9 @@ talking to the real PostgreSQL and RabbitMQ."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import os
 import secrets
 import shutil
@@ -97,7 +99,19 @@ def service(io_loop, settings):
     service = io_loop.run_sync(lambda: Service.create(settings))
     io_loop.run_sync(lambda: service.fanout.wait_ready(10))
     yield service
-    io_loop.run_sync(service.stop)
+    io_loop.run_sync(lambda: stop_or_show_what_hangs(service))
+
+
+async def stop_or_show_what_hangs(service: Service) -> None:
+    """A graceful stop is bounded by settings.shutdown_timeout; if one hangs anyway, fail the
+    test with the stack of every task still running, instead of hanging the run."""
+    try:
+        await asyncio.wait_for(service.stop(), service.settings.shutdown_timeout + 5)
+    except asyncio.TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=stacks)
+        pytest.fail(f"Service.stop() hung; tasks still running:\n{stacks.getvalue()}")
 
 
 @pytest.fixture

@@ -59,6 +59,8 @@ class TcpProxy:
     drop():    abort every live connection (what a broker restart or a network cut looks like).
     disable(): from now on, accept and abort every new connection at once ("server down");
                enable() undoes it. The listening port stays the same throughout.
+    pause():   hold every byte from now on, both ways, with the connections left open (a peer
+               that hangs); resume() lets them through.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -69,6 +71,8 @@ class TcpProxy:
         self.refused = 0  # connections aborted because the proxy was disabled
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
@@ -97,6 +101,12 @@ class TcpProxy:
     def enable(self) -> None:
         self.enabled = True
 
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def close(self) -> None:
         self.drop()
         if self._server:
@@ -119,7 +129,7 @@ class TcpProxy:
             upstream_writer.transport.abort()
             return
         self.accepted += 1
-        link = _Link(reader, writer, upstream_reader, upstream_writer)
+        link = _Link(reader, writer, upstream_reader, upstream_writer, self._flowing)
         self._links.add(link)
         try:
             await link.run()
@@ -136,11 +146,12 @@ class _Link:
         client_writer: asyncio.StreamWriter,
         server_reader: asyncio.StreamReader,
         server_writer: asyncio.StreamWriter,
+        flowing: asyncio.Event,
     ) -> None:
         self.writers = (client_writer, server_writer)
         self.pumps = [
-            asyncio.ensure_future(self._pump(client_reader, server_writer)),
-            asyncio.ensure_future(self._pump(server_reader, client_writer)),
+            asyncio.ensure_future(self._pump(client_reader, server_writer, flowing)),
+            asyncio.ensure_future(self._pump(server_reader, client_writer, flowing)),
         ]
 
     async def run(self) -> None:
@@ -149,9 +160,12 @@ class _Link:
             writer.transport.abort()
 
     @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                await flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -325,6 +339,15 @@ async def outbox_ids(dsn: str) -> set[int]:
     loop = asyncio.get_running_loop()
     rows = await loop.run_in_executor(None, _query, dsn, "SELECT post_id FROM outbox")
     return {post_id for (post_id,) in rows}
+
+
+async def wait_for_outbox_without(dsn: str, post_ids: set[int], timeout: float = 5) -> None:
+    """The outbox rows of these posts get deleted (their publication was confirmed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while left := post_ids & await outbox_ids(dsn):
+        assert loop.time() < deadline, f"still in the outbox after {timeout} s: {left}"
+        await asyncio.sleep(0.05)
 
 
 async def read_until_close(sock: socket.socket, timeout: float) -> tuple[int | None, int]:

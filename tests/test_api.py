@@ -2,6 +2,8 @@
 
 import pytest
 
+from tests.conftest import AMQP_URL
+from tests.faults import endpoint_of
 from tests.support import PASSWORD
 
 
@@ -45,7 +47,11 @@ async def test_post_create_get_and_feed_page(api):
 @pytest.mark.gen_test
 async def test_health_ready_and_metrics(api):
     assert await api.call("GET", "/healthz") == (200, {"status": "ok"})
-    assert await api.call("GET", "/readyz") == (200, {"status": "ready"})
+    host, port = endpoint_of(AMQP_URL, 5672)  # /readyz names the RabbitMQ node in use
+    assert await api.call("GET", "/readyz") == (
+        200,
+        {"status": "ready", "broker": f"{host}:{port}"},
+    )
     from tornado.httpclient import AsyncHTTPClient
 
     response = await AsyncHTTPClient().fetch(api.base_url + "/metrics")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from feed_app.broker.connection import Channel
+from feed_app.broker.connection import Channel, NodeList
 from feed_app.config import Settings, parse_settings, redact_url
 from feed_app.edge import client_address, trusted_networks
 from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
@@ -45,6 +45,25 @@ def test_bad_environment_value_is_a_clear_error(capsys):
 def test_passwords_are_redacted_from_urls():
     assert redact_url("amqp://guest:s3cret@host:5672/%2F") == "amqp://guest:***@host:5672/%2F"
     assert redact_url("postgresql://127.0.0.1/feed") == "postgresql://127.0.0.1/feed"
+
+
+def test_every_password_of_a_node_list_is_redacted():
+    nodes = "amqp://a:one@h1:5672/%2F,amqp://b:two@h2:5672/%2F,amqp://h3/%2F"
+    assert redact_url(nodes) == "amqp://a:***@h1:5672/%2F,amqp://b:***@h2:5672/%2F,amqp://h3/%2F"
+
+
+def test_node_list_is_read_again_from_the_nodes_file_at_each_attempt(tmp_path, caplog):
+    nodes_file = tmp_path / "nodes"
+    nodes = NodeList(["amqp://fallback/"], str(nodes_file))
+    assert [nodes.next(), nodes.next()] == ["amqp://fallback/"] * 2  # unreadable: the list
+    assert "cannot read the nodes file" in caplog.text
+    nodes_file.write_text("amqp://n1/\n\n# a comment\namqp://n2/\n")
+    assert [nodes.next(), nodes.next()] == ["amqp://n1/", "amqp://n2/"]
+    with nodes_file.open("a") as lines:
+        lines.write("amqp://n3/\n")  # a node added while running
+    assert [nodes.next() for _ in range(3)] == ["amqp://n2/", "amqp://n3/", "amqp://n1/"]
+    nodes_file.write_text("")
+    assert nodes.next() == "amqp://fallback/"  # empty: the list
 
 
 class RecordingPikaChannel:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import itertools
 import logging
 import random
 import secrets
@@ -161,14 +160,50 @@ class Channel:
                 future.set_exception(BrokerUnavailable(f"channel closed: {reason}"))
 
 
+class NodeList:
+    """The RabbitMQ nodes to connect to, in turn: the given URLs, or (when set) the lines of a
+    nodes file, read again at every connection attempt, so that a node added to the cluster
+    while the process runs is used without a restart. An unreadable or empty file falls back to
+    the given URLs."""
+
+    def __init__(self, urls: list[str], nodes_file: str = "") -> None:
+        self.urls = urls
+        self.nodes_file = nodes_file
+        self._turn = 0
+
+    def current(self) -> list[str]:
+        if not self.nodes_file:
+            return self.urls
+        try:
+            with open(self.nodes_file) as lines:
+                urls = [line.strip() for line in lines if line.strip().startswith("amqp")]
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the nodes file (%s); using FEED_AMQP_URL", exc)
+            return self.urls
+        return urls or self.urls
+
+    def next(self) -> str:
+        urls = self.current()
+        url = urls[self._turn % len(urls)]
+        self._turn += 1
+        return url
+
+
 class Broker:
     """The connection, the confirmed publish channel, and the overflow queue that tells a queue's
     owner it overflowed. Listeners (the fan-out, the outbox relay) hear when it opens and when it
     is lost; open_channel() gives them channels of their own on the live connection."""
 
-    def __init__(self, urls: list[str], *, on_reconnect: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        nodes_file: str = "",
+        on_reconnect: Callable[[], None] = lambda: None,
+    ) -> None:
         # A cluster is a list of nodes: each connection attempt tries the next one.
-        self._endpoints = itertools.cycle([(url, self._parameters_from(url)) for url in urls])
+        self._nodes = NodeList(urls, nodes_file)
+        self.endpoint = ""  # host:port of the node connected to (or being tried)
         self._on_reconnect = on_reconnect
         self.state = State.CLOSED
         self.listeners: list[BrokerListener] = []  # told in order: the fan-out before the relay
@@ -229,7 +264,9 @@ class Broker:
             self._connection.close(320, reason)
 
     def _connect(self) -> None:
-        url, parameters = next(self._endpoints)
+        url = self._nodes.next()
+        parameters = self._parameters_from(url)
+        self.endpoint = f"{parameters.host}:{parameters.port}"
         log.info("connecting to %s", redact_url(url))
         self.state = State.CONNECTING
         self._connection = AsyncioConnection(

@@ -1,0 +1,1 @@
+"""Running several instances: HAProxy in front, a local RabbitMQ cluster (scripts/cluster)."""
