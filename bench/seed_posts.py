@@ -184,7 +184,7 @@ def main() -> None:
         cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (args.users,))
         posts = copy_rows(cur, "posts", "id, author_id, text, created_at", post_rows(args, rng))
         say(f"posts: {posts}")
-        cur.execute("UPDATE post_clock SET last_id = %s", (args.posts,))
+        cur.execute("SELECT setval('post_ids', %s)", (args.posts,))
         for _, definition in indexes:
             cur.execute(definition)
         cur.execute("CREATE TABLE bench_shapes (shape text PRIMARY KEY, user_id bigint NOT NULL)")

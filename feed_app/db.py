@@ -14,6 +14,8 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from feed_app.horizon import HorizonClock
+
 log = logging.getLogger(__name__)
 
 SQL_DIR = pathlib.Path(__file__).resolve().parent.parent / "sql"
@@ -21,6 +23,7 @@ MIGRATION_LOCK = 0x46454544  # pg_advisory_lock key ("FEED") serialising concurr
 # Seconds for connecting or for one query (aiopg closes a connection whose query times out). It
 # bounds how long a request waits on a PostgreSQL that accepts connections but does not answer.
 QUERY_TIMEOUT = 3.0
+HORIZON_ATTEMPTS = 20  # reads of posts_after, a sample apart, before it gives up
 
 
 class DatabaseUnavailable(Exception):
@@ -167,6 +170,8 @@ class Database:
 
     def __init__(self, pool: aiopg.Pool) -> None:
         self.pool = pool
+        self.horizon = HorizonClock()
+        self._sampling: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, dsn: str, pool_size: int) -> Database:
@@ -178,11 +183,15 @@ class Database:
             pool_recycle=300,
             options="-c timezone=UTC",
         )
-        return cls(pool)
+        db = cls(pool)
+        db._sampling = asyncio.ensure_future(db._sample_horizon())
+        return db
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool; connections still in use after the timeout are dropped, so that a
         query stuck on a silent server cannot hold a shutdown."""
+        if self._sampling:
+            self._sampling.cancel()
         self.pool.close()
         try:
             await asyncio.wait_for(self.pool.wait_closed(), timeout)
@@ -208,6 +217,21 @@ class Database:
 
     async def ping(self) -> None:
         await self._run("SELECT 1")
+
+    async def _sample_horizon(self) -> None:
+        """Feed the horizon clock (feed_app/horizon.py) for as long as the pool is open."""
+        sql = """
+            SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                   CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+            FROM post_ids"""
+        while not self.pool.closed:
+            try:
+                [(xmax, last_value)] = await self._run(sql)
+            except DatabaseUnavailable:
+                pass  # requests report the outage; the clock resumes with the database
+            else:
+                self.horizon.add_sample(xmax, last_value)
+            await asyncio.sleep(HorizonClock.SAMPLE_EVERY)
 
     # users and follows
 
@@ -273,24 +297,11 @@ class Database:
     # posts
 
     async def insert_post(self, author_id: int, text: str, lease: float) -> Post:
-        """Store a post and its outbox row in one statement (so one transaction).
-
-        The id comes from post_clock, whose row stays locked until this transaction commits: the
-        next post waits for this commit before taking id + 1, so ids are in commit order. The
-        lock is taken by the first sub-statement and held only for two inserts and the commit.
-        """
+        """Store a post and its outbox row in one transaction (create_post(), in the schema).
+        The id comes from a sequence: nothing is locked beyond the two rows written."""
         sql = f"""
-            WITH clock AS (
-                UPDATE post_clock SET last_id = last_id + 1 RETURNING last_id
-            ), post AS (
-                INSERT INTO posts (id, author_id, text)
-                SELECT last_id, %(author)s, %(text)s FROM clock
-                RETURNING {_POST_COLUMNS}
-            ), queued AS (
-                INSERT INTO outbox (post_id, claimed_until)
-                SELECT id, now() + %(lease)s * interval '1 second' FROM post
-            )
-            SELECT {_POST_COLUMNS}, (SELECT name FROM users WHERE id = %(author)s) FROM post"""
+            SELECT {_POST_ROW} FROM create_post(%(author)s, %(text)s, %(lease)s) p
+            {_JOIN_AUTHOR}"""
         params = {"author": author_id, "text": text, "lease": lease}
         try:
             [row] = await self._run(sql, params, retry=False)
@@ -317,23 +328,33 @@ class Database:
     async def posts_after(
         self, author_ids: list[int], after_id: int, limit: int, *, newest: bool = False
     ) -> tuple[list[Post], int]:
-        """Posts of these authors with id > after_id, oldest first, and the horizon: the last post
-        id handed out when the read was made. Every post with an id up to the horizon is visible
-        to this read (ids are in commit order), so a session that binds its queue before calling
-        this and then discards live posts at or below the horizon misses nothing and shows
-        nothing twice. With newest=True, the newest `limit` posts instead of the oldest."""
+        """Posts of these authors with id > after_id, oldest first, and the read's horizon:
+        every committed post with an id up to it is in the read (feed_app/horizon.py). Posts
+        above it may be in the read too, and others may still commit below the newest returned.
+        With newest=True, the newest `limit` posts instead of the oldest.
+
+        A session subscribes before it calls this and drops live posts at or below the horizon
+        or already sent: it then misses nothing and shows nothing twice."""
         order = "DESC" if newest else "ASC"
         sql = f"""
-            SELECT c.last_id, {_POST_ROW}
-            FROM post_clock c LEFT JOIN LATERAL (
+            SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, {_POST_ROW}
+            FROM (VALUES (1)) AS one LEFT JOIN LATERAL (
                 SELECT {_POST_COLUMNS} FROM posts
-                WHERE author_id = ANY(%s) AND id > %s AND id <= c.last_id
-                ORDER BY id {order} LIMIT %s
+                WHERE author_id = ANY(%s) AND id > %s ORDER BY id {order} LIMIT %s
             ) p ON true LEFT {_JOIN_AUTHOR}"""
-        rows = await self._run(sql, (author_ids, after_id, limit))
+        for _ in range(HORIZON_ATTEMPTS):
+            rows = await self._run(sql, (author_ids, after_id, limit))
+            horizon = self.horizon.horizon(rows[0][0])
+            if horizon is not None:
+                break
+            # The clock has no sample older than this read's snapshot: it has just started, or
+            # a transaction has been running for minutes. Wait for a sample, then read again.
+            await asyncio.sleep(HorizonClock.SAMPLE_EVERY)
+        else:
+            raise DatabaseUnavailable("no post horizon: a transaction has run for minutes")
         posts = [Post(*row[1:]) for row in rows if row[1] is not None]
         posts.sort(key=lambda post: post.id)
-        return posts, rows[0][0]
+        return posts, horizon
 
     # outbox
 

@@ -3,9 +3,9 @@
 The session is subscribed (feed_app/fanout.py: bound, whatever the mode) before anything is read
 from PostgreSQL, and live posts are held back while the read is sent. A post committed before the
 read is in the read; one committed after it was published after the subscription, so it arrives
-live. The read also returns the horizon (the last post id handed out when it ran; ids are in
-commit order) and the session drops live posts at or below the horizon and any id it has already
-sent, so the hand-over has neither a gap nor a duplicate.
+live. The read also returns its horizon (every committed post with an id up to it is in the
+read: feed_app/horizon.py) and the session drops live posts at or below the horizon and any id it
+has already sent, so the hand-over has neither a gap nor a duplicate.
 
 The same sync runs again whenever live posts may have been missed (the broker connection dropped,
 the process queue overflowed): subscribe, then read everything after the horizon. So a broker
@@ -253,14 +253,18 @@ class FeedSession:
         self._history_pending = False
 
     async def _send_posts_after_floor(self, authors: list[int]) -> None:
-        """Everything these authors posted after the floor, page by page, then raise the floor."""
+        """Everything these authors posted after the floor, page by page, then raise the floor.
+        A full page covers every committed post up to its last id, or up to its horizon if that
+        is lower (a post below may still be committing): the floor rises to the lower."""
+        after = self.seen.floor
         while True:
-            posts, horizon = await self.db.posts_after(authors, self.seen.floor, RESUME_PAGE)
+            posts, horizon = await self.db.posts_after(authors, after, RESUME_PAGE)
             await self._send_posts(posts)
             if len(posts) < RESUME_PAGE:
                 self.seen.raise_floor(horizon)
                 return
-            self.seen.raise_floor(posts[-1].id)
+            after = posts[-1].id
+            self.seen.raise_floor(min(after, horizon))
 
     async def _send_posts(self, posts: list[Post], *, even_below_floor: bool = False) -> None:
         last = None

@@ -3,6 +3,7 @@
 import asyncio
 
 import pika
+import psycopg2
 import pytest
 
 from tests.conftest import AMQP_URL, both_fanout_modes
@@ -198,3 +199,33 @@ async def test_a_follow_made_while_the_session_reads_its_follows_is_not_missed(
     assert feed.ready["following"] == 1
     post = await api.post(author, "from the author followed mid-read")
     assert await feed.wait_posts(1) == [post]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_post_committed_after_one_with_a_higher_id_still_arrives_once(api, service, db_dsn):
+    """Post ids come from a sequence, so a post can commit after one with a higher id. A session
+    that reads in between gets the higher one; the lower one, once committed and published, must
+    not be taken for covered by that read: it arrives live, once, and the checkpoint stays below
+    it so that a client resuming from it gets it too."""
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    writer = psycopg2.connect(db_dsn)  # a transaction that takes a post id and holds it open
+    try:
+        with writer.cursor() as cur:
+            cur.execute("SELECT id FROM create_post(%s, 'committed late', 60)", (author.id,))
+            [(late_id,)] = cur.fetchall()
+        early = await api.post(author, "committed first")
+        assert early["id"] > late_id
+        feed = await api.open_feed(follower)
+        assert [post["id"] for post in feed.history] == [early["id"]]
+        writer.commit()
+    finally:
+        writer.close()
+    service.relay.publish(await service.db.get_post(late_id))  # what its writer does next
+    assert [post["id"] for post in await feed.wait_posts(1)] == [late_id]
+    marker = await api.post(author, "marker")
+    assert [post["id"] for post in await feed.wait_posts(2)] == [late_id, marker["id"]]
+    checkpoints = [m["since"] for m in feed.messages if m["type"] == "checkpoint"]
+    assert all(since < late_id for since in checkpoints), checkpoints
+    resumed = await api.open_feed(follower, since=max(checkpoints, default=0))
+    assert {late_id, early["id"]} <= {post["id"] for post in resumed.history}

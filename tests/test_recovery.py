@@ -196,18 +196,20 @@ RECOVERY_BOUND = 6.0  # seconds; the reconnect backoff is capped at 5 s
 
 @pytest.mark.gen_test(timeout=45)
 async def test_ten_disconnects_under_steady_posting(api, service, amqp_proxy):
-    """Proves: with a post every 20-50 ms and the broker connection cut ten times, two sessions
+    """Proves: with three authors each posting every 20-50 ms at once (so transactions overlap
+    and posts commit out of id order) and the broker connection cut ten times, two sessions
     each receive every post exactly once. Measures, for each disconnect, the time from the broker
     being reachable again until both sessions have received a post created after that moment
     (so not one already on its way before the cut); asserts it stays under RECOVERY_BOUND."""
-    author, reader = await api.new_user(), await api.new_user()
-    await api.follow(reader, author)
+    authors, reader = [await api.new_user() for _ in range(3)], await api.new_user()
+    for author in authors:
+        await api.follow(reader, author)
     feeds = [await api.open_feed(reader), await api.open_feed(reader)]
     loop = asyncio.get_running_loop()
     created: list[tuple[float, int]] = []  # (when the POST was sent, post id)
     stop_posting = asyncio.Event()
 
-    async def post_steadily() -> None:
+    async def post_steadily(author: User) -> None:
         n = 0
         while not stop_posting.is_set():
             sent = loop.time()
@@ -224,7 +226,7 @@ async def test_ten_disconnects_under_steady_posting(api, service, amqp_proxy):
 
             await until(feed, has_one, timeout, f"feed {n}: {what}")
 
-    poster = asyncio.ensure_future(post_steadily())
+    posters = asyncio.gather(*(post_steadily(author) for author in authors))
     recoveries: list[float] = []
     try:
         await received_post_sent_after(loop.time(), 5, "live delivery before the faults")
@@ -241,8 +243,8 @@ async def test_ten_disconnects_under_steady_posting(api, service, amqp_proxy):
             recoveries.append(loop.time() - back)
     finally:
         stop_posting.set()
-        await poster
-    marker = await settle(api, author, feeds)
+        await posters
+    marker = await settle(api, authors[0], feeds)
 
     figures = (
         f"broker back -> both sessions receive a new post, over {len(recoveries)} disconnects: "

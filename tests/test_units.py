@@ -8,6 +8,7 @@ import pytest
 from feed_app.broker.connection import Channel, NodeList
 from feed_app.config import Settings, parse_settings, redact_url
 from feed_app.edge import client_address, trusted_networks
+from feed_app.horizon import HorizonClock
 from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
 from feed_app.metrics import Metrics
 from feed_app.sessions import SeenPosts
@@ -186,3 +187,17 @@ def test_past_the_most_held_refusals_the_next_goes_out_at_once():
         assert refusals.held == 0 and refusals.metrics.limit_refusals == 2
 
     asyncio.run(scenario())
+
+
+def test_the_horizon_is_the_last_id_of_a_sample_whose_successor_the_read_saw_finished():
+    clock = HorizonClock()
+    assert clock.horizon(100) is None  # no sample yet
+    clock.add_sample(xmax=100, last_value=7)
+    assert clock.horizon(1000) is None  # one sample: nothing is known about id 7's writers yet
+    clock.add_sample(xmax=105, last_value=9)  # writers of ids <= 7 had xids < 105
+    clock.add_sample(xmax=120, last_value=15)  # writers of ids <= 9 had xids < 120
+    assert clock.horizon(104) is None  # a transaction below 105 was still running
+    assert clock.horizon(105) == 7
+    assert clock.horizon(119) == 7
+    assert clock.horizon(120) == 9
+    assert clock.horizon(10**9) == 9  # 15's writers are unknown until the next sample

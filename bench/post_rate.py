@@ -1,0 +1,171 @@
+"""Posts per second the service commits, against concurrent posters, with 1 to N instances.
+
+    .venv/bin/python bench/post_rate.py --instances 1 2 3 --posters 1 8 32
+    .venv/bin/python bench/post_rate.py --run-py /other/checkout/run.py ...   # another version
+
+For each instance count it starts that many run.py processes on one fresh database (limits
+raised: this measures the write path, not the limits), then for each poster count runs that many
+concurrent clients, each posting as a user of its own, one POST /post/create after another,
+spread over the instances in turn, for --duration seconds after a warm-up. It prints posts/s and
+the latency of a POST (p50, p99). Every post is committed (201) or counted as an error.
+
+Nothing but the posts is measured here: no feed socket is open, so delivery costs nothing. The
+instances, PostgreSQL, RabbitMQ and this client share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import pathlib
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import psycopg2
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from bench.loadtest import DEFAULT_AMQP, UNLIMITED
+from bench.processes import ManagedProcess, free_port, stop_all, wait_ready
+from feed_app.auth import issue_token
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SERVER_DSN = "postgresql://127.0.0.1:5432"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--posters", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
+    parser.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
+    return parser.parse_args()
+
+
+class Instances:
+    """N run.py processes on one database of their own, dropped at the end."""
+
+    def __init__(self, count: int, run_py: str, amqp_url: str) -> None:
+        self.database = f"feed_post_rate_{secrets.token_hex(3)}"
+        self.dsn = f"{SERVER_DSN}/{self.database}"
+        self.secret = secrets.token_hex(32)
+        self.urls: list[str] = []
+        self.processes: list[ManagedProcess] = []
+        self.count, self.run_py, self.amqp_url = count, run_py, amqp_url
+
+    async def __aenter__(self) -> Instances:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
+        env.update(UNLIMITED, FEED_DB_DSN=self.dsn, FEED_AMQP_URL=self.amqp_url)
+        env.update(FEED_JWT_SECRET=self.secret, FEED_DB_POOL_SIZE="20")
+        for n in range(self.count):
+            port = free_port()
+            log = REPO / "bench" / "results" / f"post-rate-{self.database}-{n}.log"
+            argv = [sys.executable, self.run_py, "--port", str(port)]
+            cwd = pathlib.Path(self.run_py).parent
+            self.processes.append(ManagedProcess(f"instance {n}", argv, log, env=env, cwd=cwd))
+            self.urls.append(f"http://127.0.0.1:{port}")
+            # One after the other: the first creates the database and applies the schema.
+            await wait_ready(self.urls[-1], 60, self.processes[-1])
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        for process in self.processes:
+            process.stop()
+        admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)")
+        admin.close()
+
+    def users(self, count: int) -> list[str]:
+        """Tokens of `count` new users (made in the database: registering is not measured)."""
+        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO users (name, password_hash) "
+                "SELECT 'poster ' || n, 'none' FROM generate_series(1, %s) n RETURNING id",
+                (count,),
+            )
+            ids = [user_id for (user_id,) in cur.fetchall()]
+        conn.close()
+        return [issue_token(user_id, self.secret, 3600) for user_id in ids]
+
+
+async def post_for(
+    next_url: Callable[[], str], token: str, until: float, warm_until: float, into: list
+) -> int:
+    """Post one after another until `until`; latencies after `warm_until` go into `into`."""
+    client, errors, n = AsyncHTTPClient(), 0, 0
+    while (started := time.monotonic()) < until:
+        request = HTTPRequest(
+            next_url() + "/post/create",
+            "POST",
+            headers={"Authorization": f"Bearer {token}"},
+            body=json.dumps({"text": f"post {n}"}),
+            request_timeout=30,
+        )
+        n += 1
+        try:
+            await client.fetch(request)
+        except (HTTPClientError, OSError):
+            errors += 1
+            continue
+        if started >= warm_until:
+            into.append(time.monotonic() - started)
+    return errors
+
+
+async def measure(instances: Instances, posters: int, duration: float, warmup: float) -> dict:
+    tokens = instances.users(posters)
+    now = time.monotonic()
+    latencies: list[float] = []
+    urls = itertools.cycle(instances.urls)
+
+    def next_url() -> str:
+        return next(urls)
+
+    errors = await asyncio.gather(
+        *(post_for(next_url, t, now + warmup + duration, now + warmup, latencies) for t in tokens)
+    )
+    latencies.sort()
+    return {
+        "instances": instances.count,
+        "posters": posters,
+        "posts_per_s": round(len(latencies) / duration),
+        "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
+        "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1)
+        if latencies
+        else None,
+        "errors": sum(errors),
+    }
+
+
+async def main() -> None:
+    args = parse_args()
+    AsyncHTTPClient.configure(None, max_clients=max(args.posters) * 2)
+    print(f"{'instances':>9} {'posters':>7} {'posts/s':>8} {'p50 ms':>7} {'p99 ms':>7} errors")
+    try:
+        for count in args.instances:
+            async with Instances(count, args.run_py, args.amqp_url) as instances:
+                for posters in args.posters:
+                    row = await measure(instances, posters, args.duration, args.warmup)
+                    print(
+                        f"{row['instances']:>9} {row['posters']:>7} {row['posts_per_s']:>8} "
+                        f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']}",
+                        flush=True,
+                    )
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

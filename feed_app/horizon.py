@@ -1,0 +1,47 @@
+"""Up to which post id a read is certain to have seen every committed post.
+
+Post ids come from a sequence (sql/002_post_ids_from_a_sequence.sql), so nothing serialises the
+writers of a deployment: a post can commit after one with a higher id. A session that reads from
+PostgreSQL and then drops live posts it has "already covered" must know what the read covered,
+and "every post up to the highest id it returned" is not that: a lower id may still be in flight.
+
+The clock samples, in turn, the sequence's last value L_i and the snapshot's xmax M_i (the first
+transaction id not yet assigned when the sample's snapshot was taken). Take two samples in a row:
+every transaction that holds a post id <= L_i took it before sample i read the sequence, and took
+its transaction id before that (create_post() makes sure of the order), so its transaction id is
+below M_(i+1), the xmax of a snapshot taken later still. A read whose snapshot has xmin >= M_(i+1)
+finds all of those transactions finished, so every committed post with an id <= L_i is in it.
+
+The horizon of a read is the largest such L_i. It lags the newest id by about one sampling period
+(plus the longest transaction then running); posts above it that the read did return are
+remembered one by one by the session, so the lag costs nothing but a little memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+
+
+class HorizonClock:
+    SAMPLE_EVERY = 0.1  # seconds
+    KEEP = 3000  # samples: reads whose snapshot is up to five minutes behind still get a horizon
+
+    def __init__(self) -> None:
+        # (M_(i+1), L_i) pairs; both grow from one sample to the next.
+        self._pairs: collections.deque[tuple[int, int]] = collections.deque(maxlen=self.KEEP)
+        self._previous_last_value: int | None = None
+
+    def add_sample(self, xmax: int, last_value: int) -> None:
+        """One sample: the xmax of the sample's snapshot, and the sequence's last value read in
+        the same statement (so after that snapshot was taken)."""
+        if self._previous_last_value is not None:
+            self._pairs.append((xmax, self._previous_last_value))
+        self._previous_last_value = last_value
+
+    def horizon(self, xmin: int) -> int | None:
+        """The horizon of a read whose snapshot had this xmin; None when no sample is old enough
+        to tell (the clock has just started, or a transaction older than KEEP samples was
+        still running when the read was made)."""
+        index = bisect.bisect_right(self._pairs, (xmin, float("inf"))) - 1
+        return self._pairs[index][1] if index >= 0 else None
