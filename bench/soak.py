@@ -87,7 +87,8 @@ SETTLE_SECONDS = 10.0  # at most, between the warm-up and the baseline
 FULL = {
     "cycles": 20000,
     "rate": 50.0,
-    "concurrency": 20,
+    "concurrency": 200,
+    "hold": 3.0,
     "users": 200,
     "hangup_every": 20,
     "sample_every": 5.0,
@@ -97,6 +98,7 @@ SMOKE = {
     "cycles": 300,
     "rate": 30.0,
     "concurrency": 10,
+    "hold": 0.0,
     "users": 50,
     "hangup_every": 10,
     "sample_every": 2.0,
@@ -115,8 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--cycles", type=int, help=f"open/close cycles, warm-up included [{FULL['cycles']:,}]")
     add("--duration", type=float, help="seconds of cycling instead (or whichever ends first)")
     add("--rate", type=float, help=f"cycles started per second [{FULL['rate']:g}; smoke 30]")
-    add("--concurrency", type=int, help="cycles in flight at most [20; smoke 10]")
-    add("--hold", type=float, default=0.0, help="seconds a session stays open after ready [0]")
+    add("--concurrency", type=int, help="cycles in flight at most [200; smoke 10]")
+    add(
+        "--hold",
+        type=float,
+        help="seconds a session stays open after ready [3; smoke 0]: sessions that outlive a"
+        " young-generation collection or two, as real ones do, show what the collector leaves",
+    )
     add(
         "--hangup-every",
         type=int,
@@ -228,6 +235,7 @@ class Soak:
             budget = args.duration
             self.phase = "warmup"
             await self.run_cycles(args.warmup, budget)
+            self.phase = "settle"
             await self.settle()
             await self.sample("baseline")
             self.phase = "measure"
@@ -448,27 +456,26 @@ class Soak:
                 return int(float(value))
         return None
 
-    async def sample(self, phase: str) -> dict[str, Any]:
+    async def sample(self, phase: str | None = None) -> dict[str, Any]:
+        """One reading of everything; `phase` names it, else the phase the run is in once the
+        slow readings (rabbitmqctl) are done. The /proc readings are taken then too."""
+        sessions, queues = await asyncio.gather(
+            self.open_sessions(), queue_counts(self.population.user_ids())
+        )
         pids = self.target.pids()
-        cycles = self.cycles_done
         entry: dict[str, Any] = {
             "t": round(time.monotonic() - self.started, 2),
-            "phase": phase,
-            "cycles": cycles,
+            "phase": phase or self.phase,
+            "cycles": self.cycles_done,
             "in_flight": self.in_flight,
             "rss_kb": rss_bytes(pids) // 1024 if pids else None,
             "fds": open_fds(pids) if pids else None,
             "db_connections": connections_to_port(pids, self.db_port) if pids else None,
             "broker_rss_kb": rss_bytes(self.broker_pids) // 1024 if self.broker_pids else None,
+            "open_sessions": sessions,
+            "queues": queues["sessions"] if queues else None,
+            "queues_all": queues["all"] if queues else None,
         }
-        sessions, queues = await asyncio.gather(
-            self.open_sessions(), queue_counts(self.population.user_ids())
-        )
-        entry.update(
-            open_sessions=sessions,
-            queues=queues["sessions"] if queues else None,
-            queues_all=queues["all"] if queues else None,
-        )
         self.samples.append(entry)
         if not self.args.quiet:
             self.say(self.progress_line(entry))
@@ -477,7 +484,7 @@ class Soak:
     async def sample_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.args.sample_every)
-            await self.sample(self.phase)
+            await self.sample()
 
     def progress_line(self, entry: dict[str, Any]) -> str:
         failed = sum(self.failures.values())
