@@ -3,7 +3,8 @@
 /proc is read directly (no psutil dependency): utime+stime of /proc/<pid>/stat and VmRSS of
 /proc/<pid>/status are all the load test needs, and reading them costs microseconds. The RabbitMQ
 CLI tools start an Erlang VM and take a noticeable fraction of a second to seconds, so they are
-called a couple of times per run, never in a loop.
+called a couple of times per run by the load test, and every few seconds (list_queues only, about
+half a second) by the soak.
 """
 
 from __future__ import annotations
@@ -86,6 +87,46 @@ def rss_bytes(pids: Iterable[int]) -> int:
     return total
 
 
+def open_fds(pids: Iterable[int]) -> int:
+    """Open file descriptors of these processes (the ones that still exist)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+    return total
+
+
+def connections_to_port(pids: Iterable[int], port: int) -> int:
+    """How many of these processes' fds are TCP sockets whose remote port is `port`: tells a
+    connection pool's sockets (which grow with demand up to the pool's size) from the rest."""
+    inodes = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.append(link[8:-1])
+    remote_ports = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)  # header
+                for line in f:
+                    fields = line.split()  # fields[2] is rem_address "hexip:hexport", [9] inode
+                    remote_ports[fields[9]] = int(fields[2].rsplit(":", 1)[1], 16)
+        except OSError:
+            continue
+    return sum(1 for inode in inodes if remote_ports.get(inode) == port)
+
+
 class CpuMeter:
     """CPU seconds of a set of processes between start() and stop()."""
 
@@ -136,6 +177,33 @@ async def _run_cli(*argv: str) -> Any | None:
 SESSION_QUEUE = re.compile(r"^(\d+)\.[0-9a-f]{16}$")  # feed_app.sessions: f"{user_id}.{hex}"
 
 
+async def broker_pid() -> int | None:
+    """The OS pid of the RabbitMQ node that rabbitmqctl talks to (other nodes may run on the
+    machine, so "every beam.smp" can be more than one broker)."""
+    status = await _run_cli("rabbitmqctl", "status")
+    try:
+        return int(status["pid"]) if isinstance(status, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _session_queues_of(queues: list[dict[str, Any]], user_ids: range) -> list[dict[str, Any]]:
+    return [
+        q
+        for q in queues
+        if (m := SESSION_QUEUE.match(str(q.get("name", "")))) and int(m[1]) in user_ids
+    ]
+
+
+async def queue_counts(user_ids: range) -> dict[str, int] | None:
+    """{"all": queues on the broker, "sessions": session queues of these users}; one
+    `rabbitmqctl list_queues` (about half a second), None if it is unavailable or failed."""
+    queues = await _run_cli("rabbitmqctl", "list_queues", "-q", "name")
+    if not isinstance(queues, list):
+        return None
+    return {"all": len(queues), "sessions": len(_session_queues_of(queues, user_ids))}
+
+
 async def rabbitmq_snapshot(user_ids: range) -> dict[str, Any]:
     """Queue count and memory: all queues on the broker (it is shared with other users of the
     machine) and the session queues of this run's users, recognised by name. The broker's total
@@ -147,11 +215,7 @@ async def rabbitmq_snapshot(user_ids: range) -> dict[str, Any]:
     )
     result: dict[str, Any] = {"available": queues is not None}
     if isinstance(queues, list):
-        ours = [
-            q
-            for q in queues
-            if (m := SESSION_QUEUE.match(str(q.get("name", "")))) and int(m[1]) in user_ids
-        ]
+        ours = _session_queues_of(queues, user_ids)
         result.update(
             queues_total=len(queues),
             session_queues=len(ours),
