@@ -105,7 +105,7 @@ class FeedSession:
         self.metrics = metrics
         self.settings = settings
         self.on_closed = on_closed
-        self.following: set[int] = set()
+        self.following: set[int] = set()  # the feed shows their posts and the user's own
         self.seen = SeenPosts()
         self.ready = False
         self.closed = False
@@ -210,7 +210,7 @@ class FeedSession:
                 if self._history_pending:
                     await self._send_history()
                 else:
-                    await self._send_posts_after_floor(sorted(self.following))
+                    await self._send_posts_after_floor(self._authors())
                 self._floor_authors = set(self.following)
                 if not self.ready:
                     self.ready = True
@@ -232,10 +232,15 @@ class FeedSession:
         if self.closed:
             raise asyncio.CancelledError()
 
+    def _authors(self) -> list[int]:
+        """Whose posts the feed shows: the followed authors' and the user's own, which other
+        tabs and devices of the user show as they are made."""
+        return sorted(self.following | {self.user_id})
+
     async def _subscribe(self, following: set[int]) -> None:
         while True:
             self._check_open()
-            await self.fanout.attach(self, following)
+            await self.fanout.attach(self, following | {self.user_id})
             # Only now is the control key surely bound: a follow changed after the first read
             # was announced to nobody. Read again; changes after this read reach us as messages.
             latest = set(await self.db.following(self.user_id))
@@ -246,7 +251,7 @@ class FeedSession:
 
     async def _send_history(self) -> None:
         posts, horizon = await self.db.posts_after(
-            sorted(self.following), 0, self.settings.history_size, newest=True
+            self._authors(), 0, self.settings.history_size, newest=True
         )
         await self._send_posts(posts)
         self.seen.raise_floor(horizon)
@@ -295,7 +300,8 @@ class FeedSession:
     # --- live posts ----------------------------------------------------------------------------
 
     def _deliver(self, delivery: Delivery) -> asyncio.Future | None:
-        if delivery.author_id not in self.following or not self.seen.add(delivery.post_id):
+        shown = delivery.author_id in self.following or delivery.author_id == self.user_id
+        if not shown or not self.seen.add(delivery.post_id):
             return None
         try:
             written = self.socket.write_text_frame(delivery.frame)

@@ -23,9 +23,23 @@ async def test_every_session_of_a_follower_gets_the_post_and_nobody_else(api, se
     post = await api.post(author, "<script>alert(1)</script> & more")
     assert (await tab1.wait_posts(1)) == [post]
     assert (await tab2.wait_posts(1)) == [post]
-    marker = await api.post(stranger)  # the stranger follows nobody: not even their own posts
-    await asyncio.sleep(0.2)
-    assert outsider.posts == [] and tab1.posts == [post] and marker["id"] > post["id"]
+    # The stranger follows nobody and gets only their own post, which the follower does not.
+    own = await api.post(stranger)
+    assert await outsider.wait_posts(1) == [own]
+    marker = await api.post(author)
+    assert await tab1.wait_posts(2) == [post, marker]
+    assert outsider.posts == [own]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_every_tab_of_the_author_shows_the_authors_own_posts(api):
+    author = await api.new_user()
+    earlier = await api.post(author, "before the tabs opened")
+    tabs = [await api.open_feed(author), await api.open_feed(author)]
+    later = await api.post(author, "while they are open")
+    for tab in tabs:
+        assert tab.ready == {"type": "ready", "following": 0} and tab.history == [earlier]
+        assert await tab.wait_posts(1) == [later]
 
 
 @pytest.mark.gen_test(timeout=20)
