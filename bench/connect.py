@@ -65,6 +65,11 @@ def connect_population(follows: int, connects: int) -> Population:
     )
 
 
+def feed_url(service_url: str, user_id: int, secret: str) -> str:
+    base = service_url.replace("http", "ws", 1)
+    return f"{base}/post/feed/{user_id}?token={issue_token(user_id, secret, 600)}"
+
+
 async def open_until_ready(url: str) -> Any:
     ws = await websocket_connect(url)
     while frame_type(await asyncio.wait_for(ws.read_message(), 60)) != "ready":
@@ -75,11 +80,9 @@ async def open_until_ready(url: str) -> Any:
 async def time_connects(
     url: str, population: Population, users: range, secret: str, gap: float
 ) -> list[float]:
-    base = url.replace("http", "ws", 1)
     times = []
     for user in users:
-        user_id = population.user_id(user)
-        ws_url = f"{base}/post/feed/{user_id}?token={issue_token(user_id, secret, 600)}"
+        ws_url = feed_url(url, population.user_id(user), secret)
         started = time.perf_counter()
         ws = await open_until_ready(ws_url)
         times.append(time.perf_counter() - started)
@@ -93,12 +96,11 @@ async def time_mode(args: argparse.Namespace, mode: str, follows: int) -> dict[s
     secret = secrets.token_hex(16)
     log = REPO / "bench" / "results" / f"connect-{follows}.{mode}.service.log"
     settings = {"FEED_FANOUT": mode, "FEED_JWT_SECRET": secret}
-    async with own_service(args.db_dsn, args.amqp_url, settings, log) as url:
+    async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
+        url = service.url
         population = connect_population(follows, args.connects)
         await asyncio.to_thread(seed_database, args.db_dsn, population, truncate=True)
-        holder_id = population.user_id(0)
-        holder_url = url.replace("http", "ws", 1) + f"/post/feed/{holder_id}"
-        holder = await open_until_ready(f"{holder_url}?token={issue_token(holder_id, secret, 600)}")
+        holder = await open_until_ready(feed_url(url, population.user_id(0), secret))
         try:
             bound = await time_connects(
                 url, population, range(1, args.connects + 1), secret, args.gap

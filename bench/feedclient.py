@@ -218,9 +218,14 @@ class FeedClient:
     """One feed websocket. Callback style (on_message_callback) rather than a read loop per
     socket: thousands of sockets then cost no coroutine each, only a callback per frame."""
 
-    def __init__(self, index: int, url: str, tracker: Tracker) -> None:
+    def __init__(
+        self, index: int, url: str, tracker: Tracker, source_ip: str | None = None
+    ) -> None:
         self.index = index
         self.url = url
+        # A client address of its own (127.0.0.x): one address has ~28,000 ephemeral ports
+        # towards one server port, fewer than the sockets bench/many_sockets.py holds.
+        self.source_ip = source_ip
         self.tracker = tracker
         self.connection: tornado.websocket.WebSocketClientConnection | None = None
         self.ready = asyncio.get_running_loop().create_future()
@@ -244,7 +249,12 @@ class FeedClient:
         """Connect and wait for `ready`; False (and the error counted) if either fails."""
         self.started = time.monotonic()
         try:
-            request = HTTPRequest(self.url, connect_timeout=timeout, request_timeout=timeout)
+            request = HTTPRequest(
+                self.url,
+                connect_timeout=timeout,
+                request_timeout=timeout,
+                network_interface=self.source_ip,
+            )
             self.connection = await tornado.websocket.websocket_connect(
                 request, on_message_callback=self._on_message
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import pathlib
 import re
@@ -117,13 +118,20 @@ async def wait_ready(url: str, timeout: float, process: ManagedProcess | None = 
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last_error})")
 
 
+@dataclasses.dataclass
+class OwnService:
+    url: str
+    process: ManagedProcess
+
+
 @contextlib.asynccontextmanager
 async def own_service(
     db_dsn: str, amqp_url: str, settings: dict[str, str], log_path: pathlib.Path
-) -> AsyncIterator[str]:
+) -> AsyncIterator[OwnService]:
     """run.py on a free port with a random JWT secret and these FEED_* settings (nothing else
     from the environment), its users' ids from a random block above 10^12 as in the load test
-    (posts are routed by author id on a broker others share); yields its URL, stops it after."""
+    (posts are routed by author id on a broker others share); yields its URL and process, stops
+    it after."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
     env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
@@ -134,7 +142,7 @@ async def own_service(
         url = f"http://127.0.0.1:{port}"
         await wait_ready(url, 60, service)
         await asyncio.to_thread(_ids_from_a_random_block, db_dsn)
-        yield url
+        yield OwnService(url, service)
     finally:
         service.stop()
 
