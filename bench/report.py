@@ -269,17 +269,20 @@ def write_chart(results: dict[str, Any], path: pathlib.Path) -> None:
 
     figure, (latency, throughput) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     title = []
-    for mode, run in results["runs"].items():
+    for number, (mode, run) in enumerate(results["runs"].items()):
         phase = run.get("phase")
         if not phase:
             continue
         series = phase["time_series"]
         t = [entry["t"] for entry in series]
+        color = f"C{number}"  # one colour per mode; the line style tells the figures apart
         for p, style in ((50, "-"), (99, ":")):
             values = [e[f"p{p}_ms"] if e[f"p{p}_ms"] is not None else math.nan for e in series]
-            latency.plot(t, values, style, marker=".", label=f"{mode} p{p}")
-        throughput.plot(t, [e["delivered"] for e in series], marker=".", label=f"{mode} delivered")
-        throughput.plot(t, [e["expected"] for e in series], "--", label=f"{mode} expected")
+            latency.plot(t, values, style, color=color, marker=".", label=f"{mode} p{p}")
+        delivered = [e["delivered"] for e in series]
+        throughput.plot(t, delivered, color=color, marker=".", label=f"{mode} delivered")
+        expected = [e["expected"] for e in series]
+        throughput.plot(t, expected, "--", color=color, label=f"{mode} expected")
         d = phase["deliveries"]
         title.append(
             f"{mode}: {phase['rate']:g} posts/s, lost {d['lost']}, duplicated {d['duplicated']}"
