@@ -22,12 +22,19 @@ import argparse
 import asyncio
 import datetime
 import json
+import pathlib
 import signal
+import sys
 import time
 from collections import defaultdict
 
 import tornado.web
 import tornado.websocket
+
+# Run as a script, only bench/ is on sys.path: add the repository so feed_app imports.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from feed_app import wire
 
 # Wait for the writes of this many posts to leave the process before pushing more: the same kind
 # of back-pressure the service gets from its prefetch window, so a slow client does not make this
@@ -54,10 +61,7 @@ class Hub:
         created_at = datetime.datetime.now(datetime.timezone.utc).isoformat()
         writes, pending = 0, []
         for number, post in enumerate(posts, 1):
-            frame = json.dumps(
-                {"type": "post", "post": {**post, "created_at": created_at}},
-                separators=(",", ":"),
-            ).encode()
+            frame = wire.post_frame({**post, "created_at": created_at})
             for user in self.followers.get(post["author_id"], ()):
                 for socket in list(self.connections.get(user, ())):
                     try:
@@ -83,7 +87,7 @@ class PushSocket(tornado.websocket.WebSocketHandler):
         self.user_id = int(user_id)
         self.hub.connections[self.user_id].add(self)
         following = len(self.hub.following.get(self.user_id, ()))
-        self.write_message(json.dumps({"type": "ready", "following": following}))
+        self.write_message(wire.ready_frame(following))
 
     def on_message(self, message: str | bytes) -> None:
         pass

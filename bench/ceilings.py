@@ -9,12 +9,14 @@
     one manual ack per message); messages/s is what one consumer gets through the broker.
 
 The service's deliveries/s over the lower ceiling says how close to the plumbing's limit it is.
+With `loadtest.py --fanout both` they are measured once, after both modes ran.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pathlib
 import secrets
 import sys
@@ -29,6 +31,8 @@ from tornado.httpclient import AsyncHTTPClient
 from bench.feedclient import FeedClient, Tracker, open_clients
 from bench.population import Population
 from bench.processes import ManagedProcess, free_port, wait_ready
+from feed_app import wire
+from feed_app.config import Settings
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -130,6 +134,52 @@ async def bare_push_ceiling(
         for client in clients:
             client.close()
         await asyncio.to_thread(server.stop)
+
+
+async def measure(
+    population: Population,
+    authors: list[int],
+    *,
+    text_size: int,
+    amqp_url: str,
+    pika_messages: int,
+    log_path: pathlib.Path,
+    concurrency: int,
+    ready_timeout: float,
+    drain_timeout: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Both ceilings, for these posts to this population's sessions."""
+    say("ceiling (a): bare Tornado push server, same sessions and posts...")
+    bare = await bare_push_ceiling(
+        population,
+        authors,
+        text_size,
+        log_path=log_path,
+        concurrency=concurrency,
+        ready_timeout=ready_timeout,
+        drain_timeout=drain_timeout,
+    )
+    say(f"  {bare.get('deliveries_per_s')} deliveries/s")
+    say(f"ceiling (b): bare pika, {pika_messages:,} messages...")
+    body_size = len(sample_frame(population, text_size))
+    prefetch = int(os.environ.get("FEED_PREFETCH", Settings().prefetch))
+    pika_result = await pika_ceiling(amqp_url, pika_messages, body_size, prefetch, timeout=60)
+    say(f"  {pika_result.get('messages_per_s')} messages/s")
+    rates = [r for r in (bare.get("deliveries_per_s"), pika_result.get("messages_per_s")) if r]
+    return {"bare_push": bare, "pika": pika_result, "lower_per_s": min(rates, default=None)}
+
+
+def sample_frame(population: Population, text_size: int) -> bytes:
+    """A post frame as the service sends it, to size the pika ceiling's messages alike."""
+    post = {
+        "id": 123456,
+        "author_id": population.user_id(0),
+        "author_name": "bench0",
+        "text": Tracker().text(0, text_size),
+        "created_at": "2025-01-01T00:00:00.000000+00:00",
+    }
+    return wire.post_frame(post)
 
 
 # --- bare pika --------------------------------------------------------------------------------

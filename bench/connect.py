@@ -1,56 +1,116 @@
-"""Session set-up time for a user who follows many authors, beside the broker's own share.
+"""Session set-up time: connect -> `ready` for users who follow N authors, in each fan-out mode,
+beside the broker's own time for what a session-mode socket asks of it.
 
-    .venv/bin/python bench/connect.py                    # 500 and 5,000 followed authors
-    .venv/bin/python bench/connect.py --follows 500 --connects 50
+    .venv/bin/python bench/connect.py                          # 500 and 5,000 authors, session
+    .venv/bin/python bench/connect.py --fanout both            # both modes, side by side
+    .venv/bin/python bench/connect.py --fanout process --follows 20 --connects 100
 
-For each N it seeds one user following N fresh authors, starts the service, and opens feed
-sockets one after another, timing connect -> `ready`. Then, as the baseline, a bare pika client
-does what a session asks of RabbitMQ (declare the queue, N no-wait binds, a barrier, consume,
-delete) with nothing else around it. The gap between the two is the service's own cost.
+For each N it seeds, in a fresh id range:
+- a holder and K users who all follow the same N authors, and
+- K users who each follow N authors nobody else follows.
+Then, for each mode, it starts the service and opens sockets one after another (a gap between
+them, so that dropping the last socket's queue or bindings does not land on the next one):
+- "bound": the holder's socket is opened first and stays open; then each of the first K users
+  connects. In process mode their authors are bound already: set-up binds only the user's
+  control key. In session mode every socket binds all N authors anyway.
+- "new": each of the other K users connects; every socket binds N authors in either mode. (In
+  process mode a closed socket's authors are unbound UNBIND_AFTER seconds later, in the
+  background, while later sockets connect.)
+Last, the baseline: a bare pika client does what a session-mode socket asks of RabbitMQ (declare
+the queue, N no-wait binds, a barrier, consume, delete) with nothing else around it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import pathlib
 import secrets
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tornado.websocket import websocket_connect
 
 from bench.ceilings import call, open_channel, open_connection
-from bench.feedclient import summarize
+from bench.feedclient import ratio, summarize
 from bench.population import Population, seed_database
-from bench.processes import ManagedProcess, free_port, wait_ready
+from bench.processes import REPO, own_service, stop_all
 from feed_app.auth import issue_token
 from feed_app.config import Settings
+from feed_app.fanout import MODES
+from feed_app.wire import frame_type
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+CASES = ("bound", "new")
+PERCENTILES = ("p50", "p95", "p99", "max")
 
 
-async def time_service(
-    url: str, user_id: int, secret: str, connects: int, gap: float
+def connect_population(follows: int, connects: int) -> Population:
+    """User 0 holds the shared authors bound; users 1..K follow those same N authors; users
+    K+1..2K follow N authors each, their own; the authors follow nobody."""
+    first_author = 2 * connects + 1
+    shared = list(range(first_author, first_author + follows))
+    own_blocks = [
+        list(range(first_author + follows * (1 + k), first_author + follows * (2 + k)))
+        for k in range(connects)
+    ]
+    authors = follows * (1 + connects)
+    return Population(
+        follows=[shared] * (1 + connects) + own_blocks + [[]] * authors, session_users=[]
+    )
+
+
+def feed_url(service_url: str, user_id: int, secret: str) -> str:
+    base = service_url.replace("http", "ws", 1)
+    return f"{base}/post/feed/{user_id}?token={issue_token(user_id, secret, 600)}"
+
+
+async def open_until_ready(url: str) -> Any:
+    ws = await websocket_connect(url)
+    while frame_type(await asyncio.wait_for(ws.read_message(), 60)) != "ready":
+        pass
+    return ws
+
+
+async def time_connects(
+    url: str, population: Population, users: range, secret: str, gap: float
 ) -> list[float]:
-    token = issue_token(user_id, secret, 600)
-    ws_url = url.replace("http", "ws", 1) + f"/post/feed/{user_id}?token={token}"
     times = []
-    for _ in range(connects):
+    for user in users:
+        ws_url = feed_url(url, population.user_id(user), secret)
         started = time.perf_counter()
-        ws = await websocket_connect(ws_url)
-        while json.loads(await asyncio.wait_for(ws.read_message(), 30))["type"] != "ready":
-            pass
+        ws = await open_until_ready(ws_url)
         times.append(time.perf_counter() - started)
         ws.close()
-        # Dropping the closed session's queue costs the broker about as much as binding it did:
-        # let that finish, so that each set-up is timed on its own.
         await asyncio.sleep(gap)
     return times
+
+
+async def time_mode(args: argparse.Namespace, mode: str, follows: int) -> dict[str, Any]:
+    """The service in this mode, on users seeded afresh (run.py creates the database)."""
+    secret = secrets.token_hex(16)
+    log = REPO / "bench" / "results" / f"connect-{follows}.{mode}.service.log"
+    settings = {"FEED_FANOUT": mode, "FEED_JWT_SECRET": secret}
+    async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
+        url = service.url
+        population = connect_population(follows, args.connects)
+        await asyncio.to_thread(seed_database, args.db_dsn, population, truncate=True)
+        holder = await open_until_ready(feed_url(url, population.user_id(0), secret))
+        try:
+            bound = await time_connects(
+                url, population, range(1, args.connects + 1), secret, args.gap
+            )
+        finally:
+            holder.close()
+        new = await time_connects(
+            url, population, range(args.connects + 1, 2 * args.connects + 1), secret, args.gap
+        )
+    return {"bound": summarize(bound), "new": summarize(new)}
 
 
 async def time_broker(amqp_url: str, follows: int, connects: int) -> list[float]:
@@ -71,50 +131,75 @@ async def time_broker(amqp_url: str, follows: int, connects: int) -> list[float]
     return times
 
 
-async def measure(args: argparse.Namespace, follows: int) -> dict:
-    population = Population(
-        follows=[list(range(1, follows + 1))] + [[]] * follows, session_users=[0]
-    )
-    await asyncio.to_thread(seed_database, args.db_dsn, population, truncate=True)
-    secret, port = secrets.token_hex(16), free_port()
-    env = {**os.environ, "FEED_DB_DSN": args.db_dsn, "FEED_AMQP_URL": args.amqp_url}
-    env["FEED_JWT_SECRET"] = secret
-    log = REPO / "bench" / "results" / f"connect-{follows}.service.log"
-    argv = [sys.executable, str(REPO / "run.py"), "--port", str(port)]
-    service = ManagedProcess("the service", argv, log, env=env, cwd=REPO)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, 60, service)
-        service_times = await time_service(
-            url, population.user_id(0), secret, args.connects, args.gap
-        )
-    finally:
-        service.stop()
-    broker_times = await time_broker(args.amqp_url, follows, args.connects)
-    return {
-        "follows": follows,
-        "service": summarize(service_times),
-        "broker": summarize(broker_times),
-    }
+async def measure(args: argparse.Namespace, follows: int, modes: list[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {"follows": follows}
+    for mode in modes:
+        print(f"  {follows} follows, {mode} mode...", flush=True)
+        result[mode] = await time_mode(args, mode, follows)
+    result["broker"] = summarize(await time_broker(args.amqp_url, follows, args.connects))
+    if "session" in result and "process" in result:
+        result["process_over_session_p99"] = {
+            case: ratio(result["process"][case]["p99"], result["session"][case]["p99"], 3)
+            for case in CASES
+        }
+    return result
 
 
-def main() -> None:
+def print_result(result: dict[str, Any]) -> None:
+    follows = result["follows"]
+    rows = [
+        (f"{case} authors, {mode}", result[mode][case])
+        for case in CASES
+        for mode in MODES
+        if mode in result
+    ]
+    rows.append(("RabbitMQ alone", result["broker"]))
+    for label, stats in rows:
+        figures = " ".join(f"{stats[k]:>8.1f}" for k in PERCENTILES)
+        print(f"{follows:>8} {label:>22} {figures}")
+    for case, value in result.get("process_over_session_p99", {}).items():
+        print(f"{follows:>8} {case + ' authors, p99':>22} process / session = {value}")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--follows", type=int, action="append", help="N (repeatable) [500, 5000]")
-    parser.add_argument("--connects", type=int, default=30, help="sessions opened per N [30]")
-    parser.add_argument("--gap", type=float, default=1.0, help="seconds between sessions [1]")
-    parser.add_argument("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench")
-    parser.add_argument("--amqp-url", default=os.environ.get("FEED_AMQP_URL", Settings.amqp_url))
+    add = parser.add_argument
+    add("--fanout", choices=[*MODES, "both"], default="session", help="mode(s) to time [session]")
+    add("--follows", type=int, action="append", help="N (repeatable) [500, 5000]")
+    add("--connects", type=int, default=30, help="sockets timed per case, mode and N [30]")
+    add("--gap", type=float, default=1.0, help="seconds between sockets [1]")
+    add("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench")
+    add("--amqp-url", default=os.environ.get("FEED_AMQP_URL", Settings.amqp_url))
+    add("--json", type=pathlib.Path, help="results [bench/results/connect-<time>.json]")
     args = parser.parse_args()
-    header = ("follows", "", "p50", "p95", "p99", "max")
-    print(" ".join(f"{h:>8}" for h in header), f" (ms, {args.connects} sessions each)")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.json = args.json or REPO / "bench" / "results" / f"connect-{stamp}.json"
+    return args
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    modes = list(MODES) if args.fanout == "both" else [args.fanout]
+    results = []
     for follows in args.follows or [500, 5000]:
-        result = asyncio.run(measure(args, follows))
-        for who in ("service", "broker"):
-            figures = [result[who][k] for k in ("p50", "p95", "p99", "max")]
-            print(f"{follows:>8} {who:>8}", " ".join(f"{f:>8.1f}" for f in figures))
+        results.append(await measure(args, follows, modes))
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        results = asyncio.run(run(args))
+    finally:
+        stop_all()
+    header = " ".join(f"{h:>8}" for h in PERCENTILES)
+    print(f"\n{'follows':>8} {'':>22} {header}  (ms, {args.connects} sockets each)")
+    for result in results:
+        print_result(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults: {args.json}")
 
 
 if __name__ == "__main__":

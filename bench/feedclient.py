@@ -19,9 +19,12 @@ import math
 import secrets
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import tornado.websocket
 from tornado.httpclient import HTTPClientError, HTTPRequest
+
+from feed_app.wire import Close, frame_type
 
 INDEX_DIGITS = 8
 
@@ -49,6 +52,14 @@ def summarize(values: Sequence[float], scale: float = 1000.0) -> dict[str, float
         "p99": at(99),
         "max": at(100),
     }
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 0) -> Any:
+    """numerator/denominator rounded (an int for digits=0), None if either is missing or 0."""
+    if numerator is None or not denominator:
+        return None
+    value = round(numerator / denominator, digits)
+    return int(value) if digits == 0 else value
 
 
 class LatencyHistogram:
@@ -157,7 +168,7 @@ class Tracker:
 
     def on_close(self, code: int | None, reason: str | None) -> None:
         if self.measuring:
-            self._count(self.socket_closes, f"{code} {reason or ''}".strip())
+            self._count(self.socket_closes, close_label(code, reason))
 
     def on_connect_error(self, error: str) -> None:
         self._count(self.connect_errors, error)
@@ -194,13 +205,27 @@ class Tracker:
         return lost, lost_closed
 
 
+def close_label(code: int | None, reason: str | None) -> str:
+    """'4008 TOO_SLOW' for the codes the service sends (its reasons are long sentences), else the
+    code and whatever reason came with it."""
+    try:
+        return f"{code} {Close(code).name}"
+    except ValueError:
+        return f"{code} {reason or ''}".strip()
+
+
 class FeedClient:
     """One feed websocket. Callback style (on_message_callback) rather than a read loop per
     socket: thousands of sockets then cost no coroutine each, only a callback per frame."""
 
-    def __init__(self, index: int, url: str, tracker: Tracker) -> None:
+    def __init__(
+        self, index: int, url: str, tracker: Tracker, source_ip: str | None = None
+    ) -> None:
         self.index = index
         self.url = url
+        # A client address of its own (127.0.0.x): one address has ~28,000 ephemeral ports
+        # towards one server port, fewer than the sockets bench/many_sockets.py holds.
+        self.source_ip = source_ip
         self.tracker = tracker
         self.connection: tornado.websocket.WebSocketClientConnection | None = None
         self.ready = asyncio.get_running_loop().create_future()
@@ -224,7 +249,12 @@ class FeedClient:
         """Connect and wait for `ready`; False (and the error counted) if either fails."""
         self.started = time.monotonic()
         try:
-            request = HTTPRequest(self.url, connect_timeout=timeout, request_timeout=timeout)
+            request = HTTPRequest(
+                self.url,
+                connect_timeout=timeout,
+                request_timeout=timeout,
+                network_interface=self.source_ip,
+            )
             self.connection = await tornado.websocket.websocket_connect(
                 request, on_message_callback=self._on_message
             )
@@ -246,14 +276,14 @@ class FeedClient:
             return
         if isinstance(message, bytes):
             message = message.decode()
-        if self.ready_at is None and message.startswith(('{"type": "ready"', '{"type":"ready"')):
+        kind = frame_type(message)
+        if kind == "post":
+            self.tracker.on_post_frame(self.index, message, now)
+        elif kind == "ready" and self.ready_at is None:
             self.ready_at = now
             self.following = json.loads(message).get("following")
             if not self.ready.done():
                 self.ready.set_result(True)
-            return
-        if message.startswith(('{"type": "post"', '{"type":"post"')):
-            self.tracker.on_post_frame(self.index, message, now)
         # other frames (checkpoint, following) carry no post
 
     def _on_closed(self) -> None:

@@ -110,8 +110,8 @@ async def run(args: argparse.Namespace) -> None:
     settings = {"FEED_POST_RATE": "1000000/second"}
     settings.update(setting.split("=", 1) for setting in args.service_env)
     log = REPO / "bench" / "results" / "login_flood.service.log"
-    async with own_service(args.db_dsn, args.amqp_url, settings, log) as url:
-        await measure(url, args)
+    async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
+        await measure(service.url, args)
 
 
 def main() -> None:

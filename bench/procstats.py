@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -174,7 +174,12 @@ async def _run_cli(*argv: str) -> Any | None:
         return None
 
 
-SESSION_QUEUE = re.compile(r"^(\d+)\.[0-9a-f]{16}$")  # feed_app.sessions: f"{user_id}.{hex}"
+# The queues the service declares (feed_app/broker/): one per socket in session mode,
+# f"{user_id}.{16 hex}"; one per process in process mode, f"feed.process.{host}.{pid}.{8 hex}".
+SESSION_QUEUE = re.compile(r"^(\d+)\.[0-9a-f]{16}$")
+PROCESS_QUEUE = re.compile(r"^feed\.process\..+\.(\d+)\.[0-9a-f]{8}$")
+EXCHANGE = "amq.direct"  # feed_app.wire.EXCHANGE: every binding of the feed is on it
+MEMORY_PARTS = ("queue_procs", "mnesia", "other_ets", "binary")  # where queues and bindings live
 
 
 async def broker_pid() -> int | None:
@@ -187,42 +192,67 @@ async def broker_pid() -> int | None:
         return None
 
 
-def _session_queues_of(queues: list[dict[str, Any]], user_ids: range) -> list[dict[str, Any]]:
-    return [
-        q
-        for q in queues
-        if (m := SESSION_QUEUE.match(str(q.get("name", "")))) and int(m[1]) in user_ids
-    ]
+def run_queue_matcher(user_ids: range, service_pids: Collection[int]) -> Callable[[str], bool]:
+    """Whether a queue belongs to this run: a session queue of one of its users, or the process
+    queue of one of its service's processes. The broker is shared, so the rest is not counted."""
+    pids = set(service_pids)
+
+    def ours(name: str) -> bool:
+        if match := SESSION_QUEUE.match(name):
+            return int(match[1]) in user_ids
+        if match := PROCESS_QUEUE.match(name):
+            return int(match[1]) in pids
+        return False
+
+    return ours
 
 
-async def queue_counts(user_ids: range) -> dict[str, int] | None:
-    """{"all": queues on the broker, "sessions": session queues of these users}; one
+async def queue_counts(
+    user_ids: range, service_pids: Collection[int] = ()
+) -> dict[str, int] | None:
+    """{"all": queues on the broker, "sessions": this run's queues (run_queue_matcher)}; one
     `rabbitmqctl list_queues` (about half a second), None if it is unavailable or failed."""
     queues = await _run_cli("rabbitmqctl", "list_queues", "-q", "name")
     if not isinstance(queues, list):
         return None
-    return {"all": len(queues), "sessions": len(_session_queues_of(queues, user_ids))}
+    ours = run_queue_matcher(user_ids, service_pids)
+    return {"all": len(queues), "sessions": sum(1 for q in queues if ours(str(q.get("name", ""))))}
 
 
-async def rabbitmq_snapshot(user_ids: range) -> dict[str, Any]:
-    """Queue count and memory: all queues on the broker (it is shared with other users of the
-    machine) and the session queues of this run's users, recognised by name. The broker's total
-    memory is its RSS (read from /proc by the caller), so only the breakdown's queue and
-    connection parts are taken from here."""
-    queues, memory = await asyncio.gather(
+async def rabbitmq_snapshot(user_ids: range, service_pids: Collection[int]) -> dict[str, Any]:
+    """Queues, bindings and memory: all queues on the broker (it is shared with other users of
+    the machine), and the queues and amq.direct bindings of this run (see run_queue_matcher).
+    In process mode one queue serves every socket of a process, so the bindings, not the queues,
+    say what the sockets cost the broker. The broker's total memory is its RSS (read from /proc
+    by the caller); from here come the parts queues and bindings live in."""
+    queues, bindings, memory = await asyncio.gather(
         _run_cli("rabbitmqctl", "list_queues", "-q", "name", "memory"),
+        _run_cli(
+            "rabbitmqctl", "list_bindings", "-q", "source_name", "destination_name", "routing_key"
+        ),
         _run_cli("rabbitmq-diagnostics", "-q", "memory_breakdown"),
     )
+    ours = run_queue_matcher(user_ids, service_pids)
     result: dict[str, Any] = {"available": queues is not None}
     if isinstance(queues, list):
-        ours = _session_queues_of(queues, user_ids)
+        run_queues = [q for q in queues if ours(str(q.get("name", "")))]
         result.update(
             queues_total=len(queues),
-            session_queues=len(ours),
-            session_queue_memory_bytes=sum(int(q.get("memory") or 0) for q in ours),
+            run_queues=len(run_queues),
+            run_process_queues=sum(1 for q in run_queues if PROCESS_QUEUE.match(q["name"])),
+            run_queue_memory_bytes=sum(int(q.get("memory") or 0) for q in run_queues),
         )
+    if isinstance(bindings, list):
+        keys = [
+            str(b.get("routing_key", ""))
+            for b in bindings
+            if b.get("source_name") == EXCHANGE and ours(str(b.get("destination_name", "")))
+        ]
+        control = sum(1 for key in keys if key.startswith("control."))
+        result.update(run_bindings=len(keys), run_control_bindings=control)
     if isinstance(memory, dict):
-        result["queue_procs_bytes"] = int(memory.get("queue_procs", {}).get("bytes", 0))
+        for part in MEMORY_PARTS:
+            result[f"{part}_bytes"] = int(memory.get(part, {}).get("bytes", 0))
         result["connection_bytes"] = sum(
             int(v.get("bytes", 0)) for k, v in memory.items() if k.startswith("connection_")
         )

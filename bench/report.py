@@ -1,10 +1,14 @@
-"""Output of a run: the per-second time series, the end-of-run table, results JSON and the chart."""
+"""Output of a run: progress lines, the per-second time series, the end-of-run table (a column
+per fan-out mode), results JSON and the chart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import pathlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.feedclient import Tracker, percentile
@@ -41,6 +45,22 @@ def time_series(tracker: Tracker, start: float) -> list[dict[str, Any]]:
     return series
 
 
+async def while_reporting(work: Any, line: Callable[[float], str], quiet: bool) -> None:
+    """Await `work`, printing line(elapsed) once a second meanwhile (unless quiet)."""
+    task = asyncio.ensure_future(work)
+    started = time.monotonic()
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=1.0)
+            if not task.done() and not quiet:
+                print(line(time.monotonic() - started), flush=True)
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -59,26 +79,16 @@ def _percentiles(stats: dict[str, Any]) -> str:
     return " / ".join(_fmt(stats.get(k)) for k in ("p50", "p95", "p99", "max")) + " ms"
 
 
-def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) lines of the end-of-run table."""
-    cfg, pop = results["config"], results["population"]
-    d, res, rmq = results["deliveries"], results["resources"], results["rabbitmq"]
-    sessions = results["sessions"]
+def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) lines of one mode's column."""
+    phase, sessions = run.get("phase") or {}, run["sessions"]
+    res = phase.get("resources", {})
+    mem, rmq = run["memory"], run["rabbitmq"]
     rows = [
         (
-            "population",
-            f"{pop['users']:,} users, {pop['follows']:,} follows (top author"
-            f" {pop['top_author_followers']:,} followers), {pop['sessions']:,} sessions",
-        ),
-        (
-            "load",
-            f"{cfg['rate']} posts/s for {cfg['duration']} s, authors {cfg['author_choice']},"
-            f" {cfg['workers']} worker(s), text {cfg['text_size']} chars",
-        ),
-        (
             "sessions ready",
-            f"{sessions['ready']:,} / {pop['sessions']:,} in {sessions['seconds_to_all_ready']} s"
-            f" ({_fmt(sessions['ready_per_s'])}/s)",
+            f"{sessions['ready']:,} / {sessions['opened']:,} in"
+            f" {sessions['seconds_to_all_ready']} s ({_fmt(sessions['ready_per_s'])}/s)",
         ),
         ("session ready p50/p95/p99/max", _percentiles(sessions["ready_ms"])),
         (
@@ -86,59 +96,120 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             f"{_fmt(sessions['service_cpu_ms_per_session'])} /"
             f" {_fmt(sessions['rabbitmq_cpu_ms_per_session'])} ms per session",
         ),
+    ]
+    if phase:
+        rows += _phase_rows(phase)
+    rows += [
+        ("service CPU per delivery", _fmt(res.get("service_cpu_us_per_delivery"), "µs")),
+        ("RabbitMQ CPU per delivery", _fmt(res.get("rabbitmq_cpu_us_per_delivery"), "µs")),
+        ("load-test client CPU", _fmt(res.get("client_cpu_percent"), "% of one core")),
+        (
+            "service RSS before / with sessions",
+            f"{_mib(mem['service_rss_before'])} / {_mib(mem['service_rss_sessions'])}",
+        ),
+        ("service memory per session", _fmt(mem["service_bytes_per_session"], "bytes")),
+        ("RabbitMQ RSS growth per session", _fmt(mem["rabbitmq_bytes_per_session"], "bytes")),
+        ("RabbitMQ queue memory per session", _fmt(rmq.get("queue_bytes_per_session"), "bytes")),
+        (
+            "RabbitMQ queues: run's / all",
+            f"{_fmt(rmq.get('run_queues'))} / {_fmt(rmq.get('queues_total'))}",
+        ),
+        (
+            "RabbitMQ bindings of the run (control)",
+            f"{_fmt(rmq.get('run_bindings'))} ({_fmt(rmq.get('run_control_bindings'))})",
+        ),
+        (
+            "RabbitMQ RSS / queue procs / mnesia",
+            f"{_mib(mem['rabbitmq_rss_sessions'])} / {_mib(rmq.get('queue_procs_bytes'))}"
+            f" / {_mib(rmq.get('mnesia_bytes'))}",
+        ),
+    ]
+    if run.get("saturation"):
+        rows += _saturation_rows(run["saturation"])
+    log = run.get("service_log") or {}
+    if log:
+        rows.append(("service log problem lines", _fmt(log.get("problems"))))
+    return rows
+
+
+def _phase_rows(phase: dict[str, Any]) -> list[tuple[str, str]]:
+    posts, d = phase["posts"], phase["deliveries"]
+    return [
+        ("posting", f"{phase['rate']:g} posts/s for {phase['duration']:g} s"),
         (
             "posts sent / accepted (201)",
-            f"{results['posts']['sent']:,} / {results['posts']['accepted']:,}"
-            f" ({_fmt(results['posts']['achieved_rate'])} posts/s)",
+            f"{posts['sent']:,} / {posts['accepted']:,} ({_fmt(posts['achieved_rate'])} posts/s)",
         ),
-        ("post request p50/p95/p99/max", _percentiles(results["posts"]["request_ms"])),
+        ("post request p50/p95/p99/max", _percentiles(posts["request_ms"])),
         (
             "deliveries received / expected",
-            f"{d['delivered']:,} / {d['expected']:,} (mean fan-out {_fmt(d['mean_fan_out'])})",
+            f"{d['delivered']:,} / {d['expected']:,} (fan-out {_fmt(d['mean_fan_out'])})",
         ),
         (
             "deliveries/s achieved / expected",
             f"{_fmt(d['achieved_per_s'])} / {_fmt(d['expected_per_s'])}",
         ),
-        ("create->receive p50/p95/p99/max", _percentiles(results["latency_ms"])),
+        ("create->receive p50/p95/p99/max", _percentiles(phase["latency_ms"])),
         ("LOST (open sessions)", _fmt(d["lost"])),
         ("DUPLICATED", _fmt(d["duplicated"])),
         ("undelivered to closed sessions", _fmt(d["lost_to_closed_sessions"])),
         ("unexpected deliveries", _fmt(d["unexpected"])),
         ("frames of other posts (history)", _fmt(d["history_frames"])),
-        ("errors", _errors(results["errors"])),
-        (
-            "service RSS before / with sessions",
-            f"{_mib(res['service_rss_before'])} / {_mib(res['service_rss_sessions'])}",
-        ),
-        ("service memory per session", _fmt(res["service_bytes_per_session"], "bytes")),
-        ("service CPU per delivery", _fmt(res["service_cpu_us_per_delivery"], "µs")),
-        ("RabbitMQ CPU per delivery", _fmt(res["rabbitmq_cpu_us_per_delivery"], "µs")),
-        ("load-test client CPU", _fmt(res["client_cpu_percent"], "% of one core")),
-        (
-            "RabbitMQ queues (run's / all)",
-            f"{_fmt(rmq.get('session_queues'))} / {_fmt(rmq.get('queues_total'))}",
-        ),
-        (
-            "RabbitMQ memory: RSS / queue procs",
-            f"{_mib(res.get('rabbitmq_rss'))} / {_mib(rmq.get('queue_procs_bytes'))}",
-        ),
-        (
-            "RabbitMQ memory per session queue",
-            _fmt(rmq.get("bytes_per_session_queue"), "bytes"),
-        ),
+        ("errors", _errors(phase["errors"])),
     ]
-    ceilings = results.get("ceilings") or {}
+
+
+def _saturation_rows(search: dict[str, Any]) -> list[tuple[str, str]]:
+    steps = " ".join(
+        f"{s['rate']:g}{'+' if s['held'] else '-'}" for s in search["steps"]
+    )  # "50+ 100+ 200- 150+": the rates tried, in order, held or not
+    return [
+        ("saturation: steps (posts/s, held +)", steps),
+        ("saturation: highest rate held", _fmt(search["rate_held"], "posts/s")),
+        ("saturation: deliveries/s at it", _fmt(search["deliveries_per_s_held"])),
+        ("saturation: most deliveries/s in a step", _fmt(search["deliveries_per_s_max"])),
+        ("saturation: stopped", search["stopped"] or "bracketed"),
+    ]
+
+
+def _comparison_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Ceilings and ratios under the modes' columns; process/session in the first column."""
+    comparison, ceilings = results["comparison"], results.get("ceilings") or {}
+    modes = list(results["runs"])
+    rows: list[tuple[str, list[str]]] = []
     if ceilings:
         bare, bare_pika = ceilings.get("bare_push", {}), ceilings.get("pika", {})
         rows += [
-            ("ceiling: bare push deliveries/s", _fmt(bare.get("deliveries_per_s"))),
-            ("ceiling: bare pika messages/s", _fmt(bare_pika.get("messages_per_s"))),
-            ("service / lower ceiling", _fmt(ceilings.get("ratio_to_lower"))),
+            ("ceiling: bare push deliveries/s", [_fmt(bare.get("deliveries_per_s"))]),
+            ("ceiling: bare pika messages/s", [_fmt(bare_pika.get("messages_per_s"))]),
         ]
-    log = results.get("service_log") or {}
-    if log:
-        rows.append(("service log problem lines", _fmt(log.get("problems"))))
+    per_mode = [
+        ("share of the bare push ceiling", "share_of_bare_push"),
+        ("share of the lower ceiling", "share_of_lower_ceiling"),
+        ("at saturation: share of bare push", "saturation_share_of_bare_push"),
+        ("create->receive p99 / p50", "p99_over_p50"),
+    ]
+    for label, key in per_mode:
+        values = [_fmt(comparison[mode][key]) for mode in modes]
+        if any(v != "-" for v in values):
+            rows.append((label, values))
+    ratios = comparison.get("process_over_session")
+    if ratios:
+        rows += [
+            (f"process / session: {label}", [_fmt(ratios[key])])
+            for label, key in (
+                ("RabbitMQ CPU per delivery", "rabbitmq_cpu_us_per_delivery"),
+                ("service CPU per delivery", "service_cpu_us_per_delivery"),
+                ("deliveries/s", "deliveries_per_s"),
+                ("deliveries/s at saturation", "deliveries_per_s_at_saturation"),
+                ("create->receive p99", "create_receive_p99_ms"),
+                ("session ready p99", "ready_p99_ms"),
+                ("service memory per session", "service_bytes_per_session"),
+                ("RabbitMQ queue memory per session", "rabbitmq_queue_bytes_per_session"),
+                ("RabbitMQ bindings", "rabbitmq_bindings"),
+            )
+            if ratios.get(key) is not None
+        ]
     return rows
 
 
@@ -151,14 +222,37 @@ def _errors(errors: dict[str, dict[str, int]]) -> str:
     return "; ".join(parts) or "none"
 
 
+def table(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The end-of-run table: a column per mode, then the ceilings and ratios."""
+    columns = {mode: dict(_run_rows(run)) for mode, run in results["runs"].items()}
+    labels = list(dict.fromkeys(label for rows in columns.values() for label in rows))
+    rows = [("fan-out mode", list(columns))]
+    rows += [(label, [col.get(label, "") for col in columns.values()]) for label in labels]
+    return rows + _comparison_rows(results)
+
+
 def print_table(results: dict[str, Any]) -> None:
-    rows = table_rows(results)
-    width = max(len(label) for label, _ in rows)
+    cfg = results["config"]
+    pop = next(iter(results["runs"].values()))["population"]
     print()
-    print("=" * (width + 50))
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
-    print("=" * (width + 50))
+    print(
+        f"{pop['users']:,} users, {pop['follows']:,} follows (top author"
+        f" {pop['top_author_followers']:,} followers), {pop['sessions']:,} sessions;"
+        f" authors {cfg['author_choice']}, {cfg['workers']} worker(s),"
+        f" text {cfg['text_size']} chars"
+    )
+    rows = table(results)
+    width = max(len(label) for label, _ in rows)
+    columns = len(results["runs"])
+    # Cells that span no mode (a ceiling, a process/session ratio) do not widen the columns.
+    per_mode = [values for _, values in rows if len(values) == columns]
+    widths = [max(len(values[i]) for values in per_mode) for i in range(columns)]
+    rule = "=" * (width + sum(widths) + 3 * columns)
+    print(rule)
+    for label, values in rows:
+        cells = [f"{v:<{w}}" for v, w in zip(values, widths, strict=False)]
+        print(f"{label:<{width}}  " + " | ".join(cells).rstrip())
+    print(rule)
 
 
 def write_json(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -167,44 +261,43 @@ def write_json(results: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def write_chart(results: dict[str, Any], path: pathlib.Path) -> None:
-    """Latency percentiles (top) and throughput (bottom) per second of the posting phase."""
+    """Latency percentiles (top) and throughput (bottom) per second of each mode's main phase."""
     import matplotlib  # imported here: only runs that draw a chart need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = results["time_series"]
-    t = [entry["t"] for entry in series]
     figure, (latency, throughput) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for p, style in ((50, "-"), (95, "--"), (99, ":")):
-        values = [e[f"p{p}_ms"] if e[f"p{p}_ms"] is not None else math.nan for e in series]
-        latency.plot(t, values, style, marker=".", label=f"p{p}")
+    title = []
+    for number, (mode, run) in enumerate(results["runs"].items()):
+        phase = run.get("phase")
+        if not phase:
+            continue
+        series = phase["time_series"]
+        t = [entry["t"] for entry in series]
+        color = f"C{number}"  # one colour per mode; the line style tells the figures apart
+        for p, style in ((50, "-"), (99, ":")):
+            values = [e[f"p{p}_ms"] if e[f"p{p}_ms"] is not None else math.nan for e in series]
+            latency.plot(t, values, style, color=color, marker=".", label=f"{mode} p{p}")
+        delivered = [e["delivered"] for e in series]
+        throughput.plot(t, delivered, color=color, marker=".", label=f"{mode} delivered")
+        expected = [e["expected"] for e in series]
+        throughput.plot(t, expected, "--", color=color, label=f"{mode} expected")
+        d = phase["deliveries"]
+        title.append(
+            f"{mode}: {phase['rate']:g} posts/s, lost {d['lost']}, duplicated {d['duplicated']}"
+        )
     latency.set_ylabel("create → receive (ms)")
     latency.set_yscale("log")
     latency.grid(True, which="both", alpha=0.3)
     latency.legend(loc="upper left")
-    throughput.plot(t, [e["delivered"] for e in series], marker=".", label="delivered/s")
-    throughput.plot(t, [e["expected"] for e in series], "--", label="expected/s (by send time)")
-    throughput.set_ylabel("deliveries per second")
+    throughput.set_ylabel("deliveries per second (expected: by send time)")
     throughput.set_xlabel("seconds since the first post")
-    throughput.grid(True, alpha=0.3)
-    posts = throughput.twinx()
-    posts.plot(t, [e["posts"] for e in series], color="grey", alpha=0.5, label="posts/s")
-    posts.set_ylabel("posts per second")
-    posts.set_ylim(bottom=0, top=max([e["posts"] for e in series] + [1]) * 1.2)
     throughput.set_ylim(bottom=0)
-    lines = throughput.get_legend_handles_labels()
-    extra = posts.get_legend_handles_labels()
-    throughput.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper left")
-    cfg, d = results["config"], results["deliveries"]
-    title = (
-        f"{results['population']['sessions']:,} sessions, {cfg['rate']} posts/s,"
-        f" {cfg['workers']} worker(s): lost {d['lost']}, duplicated {d['duplicated']}"
-    )
-    ceilings = results.get("ceilings") or {}
-    if ceilings.get("ratio_to_lower") is not None:
-        title += f", {ceilings['ratio_to_lower']:.2f} of the lower ceiling"
-    figure.suptitle(title)
+    throughput.grid(True, alpha=0.3)
+    throughput.legend(loc="upper left")
+    sessions = next(iter(results["runs"].values()))["population"]["sessions"]
+    figure.suptitle(f"{sessions:,} sessions; " + "; ".join(title))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

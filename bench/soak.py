@@ -61,7 +61,7 @@ import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from bench.feedclient import summarize
-from bench.loadtest import DEFAULT_AMQP, RESULTS_DIR, Target, raise_fd_limit
+from bench.loadtest import DEFAULT_AMQP, RESULTS_DIR, raise_fd_limit
 from bench.population import build_population, seed_database
 from bench.processes import ManagedProcess, free_port, scan_log, stop_all, wait_ready
 from bench.procstats import (
@@ -73,6 +73,7 @@ from bench.procstats import (
     rss_bytes,
 )
 from bench.report import write_json
+from bench.service_run import Target
 from feed_app.auth import issue_token
 from feed_app.config import DEV_JWT_SECRET, redact_url
 

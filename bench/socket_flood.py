@@ -81,8 +81,8 @@ async def measure(base: str, args: argparse.Namespace) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     log = REPO / "bench" / "results" / "socket_flood.service.log"
-    async with own_service(args.db_dsn, args.amqp_url, {}, log) as url:
-        await measure(url, args)
+    async with own_service(args.db_dsn, args.amqp_url, {}, log) as service:
+        await measure(service.url, args)
 
 
 def main() -> None:

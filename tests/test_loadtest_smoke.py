@@ -2,29 +2,33 @@
 
 The load test spawns the service itself against a database of its own (feed_bench_smoke_<random>,
 dropped afterwards, so it collides neither with the suite's feed_test_* databases, nor with full
-benchmark runs in feed_bench, nor with a concurrent run of this test), opens ~60 websocket
-sessions, posts for a few seconds and checks that every post reached every open session of every
-follower exactly once.
+benchmark runs in feed_bench, nor with a concurrent run of this test), once in each fan-out mode,
+opens ~60 websocket sessions, posts for a few seconds and checks that every post reached every
+open session of every follower exactly once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
 import secrets
 import subprocess
 import sys
+from typing import Any
 
 import psycopg2
 import pytest
 
+from bench import saturation
 from bench.feedclient import Tracker
+from feed_app.fanout import MODES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOADTEST = REPO / "bench" / "loadtest.py"
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
-TIMEOUT = 120  # seconds; the smoke run itself takes well under half a minute
+TIMEOUT = 120  # seconds; the smoke run (both modes) takes about 20 s
 
 
 @pytest.fixture
@@ -40,7 +44,8 @@ def smoke_dsn():
 
 def test_smoke_run_loses_and_duplicates_nothing(tmp_path: pathlib.Path, smoke_dsn: str) -> None:
     results_path = tmp_path / "smoke.json"
-    argv = [sys.executable, str(LOADTEST), "--smoke", "--quiet", "--db-dsn", smoke_dsn]
+    argv = [sys.executable, str(LOADTEST), "--smoke", "--quiet", "--fanout", "both"]
+    argv += ["--db-dsn", smoke_dsn]
     completed = subprocess.run(
         [*argv, "--json", str(results_path)],
         cwd=REPO,
@@ -50,10 +55,20 @@ def test_smoke_run_loses_and_duplicates_nothing(tmp_path: pathlib.Path, smoke_ds
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
-    deliveries = json.loads(results_path.read_text())["deliveries"]
-    assert deliveries["lost"] == 0, output
-    assert deliveries["duplicated"] == 0, output
-    assert deliveries["delivered"] > 0, output
+    runs = json.loads(results_path.read_text())["runs"]
+    assert list(runs) == list(MODES), output
+    for run in runs.values():
+        deliveries = run["phase"]["deliveries"]
+        assert deliveries["lost"] == 0, output
+        assert deliveries["duplicated"] == 0, output
+        assert deliveries["delivered"] > 0, output
+    # The same posts went to the same sessions in both modes, and the broker was counted.
+    assert (
+        runs["session"]["phase"]["deliveries"]["expected"]
+        == (runs["process"]["phase"]["deliveries"]["expected"])
+    )
+    assert runs["process"]["rabbitmq"]["run_queues"] == 1, output
+    assert runs["session"]["rabbitmq"]["run_queues"] == runs["session"]["sessions"]["ready"]
 
 
 def test_tracker_counts_lost_and_duplicated_deliveries() -> None:
@@ -71,3 +86,54 @@ def test_tracker_counts_lost_and_duplicated_deliveries() -> None:
     assert tracker.losses(open_sessions={0, 1}) == (1, 0)
     assert tracker.losses(open_sessions={0}) == (0, 1)
     assert tracker.outstanding() == 1
+
+
+def _phase(rate: float, capacity: float) -> dict[str, Any]:
+    """A posting phase's results as a service that delivers `capacity` posts/s would give them."""
+    achieved = min(rate, capacity)
+    return {
+        "rate": rate,
+        "posts": {"planned": 100, "accepted": 100, "achieved_rate": rate},
+        "deliveries": {
+            "expected_per_s": rate * 10,
+            "achieved_per_s": achieved * 10,
+            "lost": 0,
+            "lost_to_closed_sessions": 0,
+            "duplicated": 0,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("capacity", "held", "not_held"), [(130.0, 125.0, 150.0), (30.0, 31.25, 37.5)]
+)
+def test_saturation_search_brackets_the_rate_held(
+    capacity: float, held: float, not_held: float
+) -> None:
+    """Up by the factor from the start rate (or down, when even that is not held), then
+    bisections between the highest rate held and the lowest not held."""
+    tried = []
+
+    async def step(rate: float) -> dict[str, Any]:
+        tried.append(rate)
+        return _phase(rate, capacity)
+
+    found = asyncio.run(
+        saturation.search(step, start=50, factor=2, max_steps=10, refine=2, tolerance=0.05)
+    )
+    assert (found["rate_held"], found["lowest_rate_not_held"]) == (held, not_held)
+    assert found["deliveries_per_s_max"] == capacity * 10
+    assert len(tried) <= 10
+
+
+def test_saturation_search_stops_at_a_lost_delivery() -> None:
+    async def step(rate: float) -> dict[str, Any]:
+        phase = _phase(rate, 1000)
+        phase["deliveries"]["lost"] = 1 if rate > 50 else 0
+        return phase
+
+    found = asyncio.run(
+        saturation.search(step, start=50, factor=2, max_steps=10, refine=2, tolerance=0.05)
+    )
+    assert [s["rate"] for s in found["steps"]] == [50, 100]
+    assert found["stopped"] and found["rate_held"] == 50
