@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import signal
 
 import prometheus_client
 import pytest
@@ -106,6 +107,8 @@ async def test_every_worker_answers_with_the_sum_of_all_workers(processes, setti
         if len(answered) == 2 and min(answered.values()) >= 3:
             break
     assert len(answered) == 2, f"scrapes answered by {dict(answered)} only"
+    instance.signal(signal.SIGTERM)
+    assert await instance.wait_exit(15) == 0, instance.log_tail()
 
 
 def test_flushed_counts_render_as_prometheus_client_counts_them():
