@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import gc
 import logging
 import os
+import pathlib
+import re
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from typing import NoReturn
 
 import psycopg2
 import tornado.netutil
 
 from feed_app import auth
-from feed_app.app import Service
 from feed_app.config import Settings, parse_settings, redact_url
 from feed_app.db import prepare_database
 
@@ -113,7 +120,47 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
+METRICS_DIRECTORY_PREFIX = "feed-metrics-"
+
+
+@contextlib.contextmanager
+def metrics_directory() -> Iterator[None]:
+    """A fresh private directory for the metric files of this run's processes (feed_app/metrics.py),
+    in PROMETHEUS_MULTIPROC_DIR for this process and the workers it forks, removed at the end: files
+    left from another run or instance would be summed with ours. prometheus_client reads the
+    variable once, when first imported, so nothing imports it before this runs (feed_app.app and
+    feed_app.metrics are imported in serve() and run_workers())."""
+    remove_stale_metrics_directories()
+    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIRECTORY_PREFIX}{os.getpid()}-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_stale_metrics_directories() -> None:
+    """A run killed with SIGKILL cannot remove its directory: remove those whose process is gone."""
+    pattern = re.compile(rf"{METRICS_DIRECTORY_PREFIX}(\d+)-")
+    for path in pathlib.Path(tempfile.gettempdir()).glob(METRICS_DIRECTORY_PREFIX + "*"):
+        found = pattern.match(path.name)
+        if found and not process_exists(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 async def serve(settings: Settings, sockets: list | None) -> None:
+    from feed_app.app import Service  # after metrics_directory()
+
     service = await Service.create(settings)
     tune_garbage_collector()
     service.listen(sockets)
@@ -131,14 +178,15 @@ async def serve(settings: Settings, sockets: list | None) -> None:
 def run_workers(settings: Settings) -> int:
     """N processes accepting on one shared socket, each with its own AMQP connection and pool.
     The parent only forwards SIGTERM/SIGINT and waits; it exits non-zero if a worker failed."""
+    from feed_app.metrics import forget_worker  # after metrics_directory()
+
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-    children = []
+    children = set()
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:
-            asyncio.run(serve(settings, sockets))
-            os._exit(0)
-        children.append(pid)
+            run_worker(settings, sockets)
+        children.add(pid)
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -147,10 +195,23 @@ def run_workers(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
+    while children:
+        pid, code = os.wait()
+        children.discard(pid)
+        forget_worker(pid)
         status = status or os.waitstatus_to_exitcode(code)
     return status
+
+
+def run_worker(settings: Settings, sockets: list) -> NoReturn:
+    """A forked worker's whole life: it never returns into main(), whose clean-up (the metrics
+    directory) belongs to the parent."""
+    try:
+        asyncio.run(serve(settings, sockets))
+    except BaseException:
+        log.exception("worker failed")
+        os._exit(1)
+    os._exit(0)
 
 
 def main() -> int:
@@ -172,11 +233,12 @@ def main() -> int:
         return 2
     if settings.demo:
         seed_demo(settings.db_dsn)
-    workers = settings.workers or os.cpu_count() or 1
-    if workers == 1:
-        asyncio.run(serve(settings, None))
-        return 0
-    return run_workers(Settings(**{**vars(settings), "workers": workers}))
+    settings = dataclasses.replace(settings, workers=settings.workers or os.cpu_count() or 1)
+    with metrics_directory():
+        if settings.workers == 1:
+            asyncio.run(serve(settings, None))
+            return 0
+        return run_workers(settings)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,7 @@ class Cluster:
             FEED_AMQP_URL=",".join(instance.amqp_urls),
             FEED_AMQP_NODES_FILE=str(instance.nodes_file),
             FEED_JWT_SECRET=self.jwt_secret,
+            FEED_INSTANCE_NAME=instance.name,  # in /metrics, as in HAProxy and X-Served-By
             # HAProxy, on this host, is the one peer whose X-Forwarded-For is believed.
             FEED_TRUSTED_PROXIES="127.0.0.1",
             **self.instance_env,

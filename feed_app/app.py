@@ -18,7 +18,7 @@ from feed_app.config import Settings
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
 from feed_app.limits import Limits
-from feed_app.metrics import Metrics
+from feed_app.metrics import Exporter, Metrics
 from feed_app.relay import OutboxRelay
 from feed_app.sessions import FeedSession, FeedSocket
 from feed_app.wire import Close
@@ -44,6 +44,16 @@ class Service:
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
         self.sessions: set[FeedSession] = set()
         self.limits = Limits(settings, metrics)
+        self.exporter = Exporter(
+            metrics,
+            self._gauges,
+            lambda: broker.endpoint if broker.is_open else None,
+            {
+                "name": settings.instance,
+                "fanout": settings.fanout,
+                "workers": str(settings.workers),
+            },
+        )
         self.server: tornado.httpserver.HTTPServer | None = None
         self.stopping = False
 
@@ -62,7 +72,15 @@ class Service:
         service = cls(settings, db, broker, metrics)
         broker.start()
         service.relay.start()
+        service.exporter.start()
         return service
+
+    def _gauges(self) -> dict[str, float]:
+        return {
+            "feed_open_sessions": len(self.sessions),
+            "feed_fanout_subscribers": self.fanout.subscribers,
+            "feed_fanout_bindings": self.fanout.bindings,
+        }
 
     def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession | None:
         """A session for a socket that passed its checks, or None (the socket is closed with
@@ -110,6 +128,7 @@ class Service:
             log.warning("broker connection did not close in time")
         await self.db.close(max(0.1, deadline - time.monotonic()))
         self.limits.hashing.shutdown()
+        self.exporter.stop()
         if self.server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.server.close_all_connections(), 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import urllib.parse
 from collections.abc import Sequence
 
@@ -53,10 +54,20 @@ class Settings:
     sockets_max: int = 10_000
     trusted_proxies: str = ""
     refusal_delay: float = 1.0
+    instance_name: str = ""
 
     @property
     def uses_dev_secret(self) -> bool:
         return self.jwt_secret == DEV_JWT_SECRET
+
+    @property
+    def instance(self) -> str:
+        """The name /metrics gives this instance: FEED_INSTANCE_NAME, else host:port (the host's
+        name when listening on every interface)."""
+        if self.instance_name:
+            return self.instance_name
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
 
 
 # (field, environment variable, help). The command-line flag is the field name with dashes.
@@ -94,6 +105,7 @@ _OPTIONS = [
     ("sockets_max", "FEED_SOCKETS_MAX", "open feed sockets per process before 503"),
     ("trusted_proxies", "FEED_TRUSTED_PROXIES", "proxies whose X-Forwarded-For is believed"),
     ("refusal_delay", "FEED_REFUSAL_DELAY", "seconds a 429 waits at most before it is sent"),
+    ("instance_name", "FEED_INSTANCE_NAME", "this instance's name in /metrics (default host:port)"),
 ]
 
 _CHOICES = {"fanout": MODES}

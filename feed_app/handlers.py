@@ -333,11 +333,11 @@ class ReadyHandler(BaseHandler):
 
 class MetricsHandler(BaseHandler):
     async def get(self) -> None:
-        extra = {"feed_open_sessions": len(self.service.sessions)}
+        backlog = None
         with contextlib.suppress(DatabaseUnavailable):
-            extra["feed_outbox_backlog"] = await self.db.outbox_backlog()
-        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(self.service.metrics.render(extra))
+            backlog = await self.db.outbox_backlog()
+        self.set_header("Content-Type", self.service.exporter.CONTENT_TYPE)
+        self.finish(self.service.exporter.render(backlog))
 
 
 class OpenApiHandler(BaseHandler):

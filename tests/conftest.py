@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 
 import psycopg2
 import pytest
@@ -20,6 +21,7 @@ from feed_app.config import Settings
 from feed_app.db import prepare_database
 from feed_app.fanout import MODES
 from feed_app.limits import rate
+from tests.faults import ServiceProcess, free_port
 from tests.support import Api
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
@@ -117,6 +119,31 @@ async def stop_or_show_what_hangs(service: Service) -> None:
 @pytest.fixture
 def app(service):
     return make_app(service)
+
+
+@pytest.fixture
+def processes(tmp_path, db_dsn, settings) -> Iterator[Callable[..., ServiceProcess]]:
+    """A factory of service subprocesses on the test database and the real broker (each
+    overridable); whatever is still running at the end is killed."""
+    started: list[ServiceProcess] = []
+
+    def make(port: int | None = None, args: tuple[str, ...] = (), **env: str) -> ServiceProcess:
+        environment = {
+            **NO_LIMITS_ENV,
+            "FEED_DB_DSN": db_dsn,
+            "FEED_AMQP_URL": AMQP_URL,
+            "FEED_JWT_SECRET": settings.jwt_secret,  # tokens from the in-process service work
+            "FEED_FANOUT": settings.fanout,
+            **env,
+        }
+        log_path = tmp_path / f"service-{len(started)}.log"
+        process = ServiceProcess(port or free_port(), environment, log_path, args)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.kill()
 
 
 @pytest.fixture

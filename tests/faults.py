@@ -208,6 +208,7 @@ class ServiceProcess:
                 env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its workers in a process group of their own: see kill()
             )
         deadline = time.monotonic() + timeout
         client = AsyncHTTPClient()
@@ -243,9 +244,11 @@ class ServiceProcess:
         return status
 
     def kill(self) -> None:
-        """SIGKILL if still running (test clean-up)."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+        """SIGKILL to the process and its workers, if still running (test clean-up). Workers
+        outlive a parent killed alone, so the whole process group is killed."""
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
 
     def log_tail(self, lines: int = 40) -> str:

@@ -13,7 +13,7 @@ import json
 import signal
 import socket
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -21,9 +21,8 @@ from tornado.websocket import websocket_connect
 
 from feed_app.config import Settings
 from feed_app.wire import Close
-from tests.conftest import AMQP_URL, NO_LIMITS_ENV, both_fanout_modes, with_settings
+from tests.conftest import AMQP_URL, both_fanout_modes, with_settings
 from tests.faults import (
-    ServiceProcess,
     TcpProxy,
     assert_exactly_once,
     endpoint_of,
@@ -77,31 +76,6 @@ def settings(settings, amqp_proxy, pg_proxy, settings_changes, fanout_mode) -> S
         db_dsn=pg_proxy.url_for(settings.db_dsn),
         **settings_changes,
     )
-
-
-@pytest.fixture
-def processes(tmp_path, db_dsn, settings) -> Iterator[Callable[..., ServiceProcess]]:
-    """A factory of service subprocesses on the test database and the real broker (each
-    overridable); whatever is still running at the end is killed."""
-    started: list[ServiceProcess] = []
-
-    def make(port: int | None = None, args: tuple[str, ...] = (), **env: str) -> ServiceProcess:
-        environment = {
-            **NO_LIMITS_ENV,
-            "FEED_DB_DSN": db_dsn,
-            "FEED_AMQP_URL": AMQP_URL,
-            "FEED_JWT_SECRET": settings.jwt_secret,  # tokens from the in-process service work
-            "FEED_FANOUT": settings.fanout,
-            **env,
-        }
-        log_path = tmp_path / f"service-{len(started)}.log"
-        process = ServiceProcess(port or free_port(), environment, log_path, args)
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.kill()
 
 
 # --- helpers --------------------------------------------------------------------------------------
