@@ -27,7 +27,7 @@ import psycopg2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from feed_app.db import prepare_database
+from feed_app.db import drop_database, prepare_database
 
 SERVER_DSN = "postgresql://127.0.0.1:5432"
 STATEMENTS = {
@@ -41,9 +41,8 @@ STATEMENTS = {
 }
 
 
-def scratch_database() -> tuple[str, str, int]:
-    name = f"feed_pgbench_{secrets.token_hex(3)}"
-    dsn = f"{SERVER_DSN}/{name}"
+def scratch_database() -> tuple[str, int]:
+    dsn = f"{SERVER_DSN}/feed_pgbench_{secrets.token_hex(3)}"
     prepare_database(dsn)
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE bench_clock (last_id bigint NOT NULL)")
@@ -51,7 +50,7 @@ def scratch_database() -> tuple[str, str, int]:
         cur.execute("INSERT INTO users (name, password_hash) VALUES ('bench', 'x') RETURNING id")
         [(author,)] = cur.fetchall()
     conn.close()
-    return name, dsn, author
+    return dsn, author
 
 
 def pgbench(dsn: str, script: str, author: int, clients: int, seconds: float) -> float:
@@ -70,7 +69,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two")
     args = parser.parse_args()
-    name, dsn, author = scratch_database()
+    dsn, author = scratch_database()
     try:
         print(f"{'clients':>7} {'counter posts/s':>16} {'sequence posts/s':>17} {'ratio':>6}")
         for clients in args.clients:
@@ -81,11 +80,7 @@ def main() -> None:
             counter, sequence = (max(rates[kind]) for kind in STATEMENTS)
             print(f"{clients:>7} {counter:>16.0f} {sequence:>17.0f} {sequence / counter:>6.2f}")
     finally:
-        admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+        drop_database(dsn)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from bench.loadtest import DEFAULT_AMQP
 from bench.processes import ManagedProcess, free_port, stop_all, wait_ready
 from bench.service_run import UNLIMITED
 from feed_app.auth import issue_token
+from feed_app.db import drop_database
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SERVER_DSN = "postgresql://127.0.0.1:5432"
@@ -82,11 +83,7 @@ class Instances:
     async def __aexit__(self, *_exc: object) -> None:
         for process in self.processes:
             process.stop()
-        admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)")
-        admin.close()
+        drop_database(self.dsn)
 
     def users(self, count: int) -> list[str]:
         """Tokens of `count` new users (made in the database: registering is not measured)."""

@@ -122,29 +122,41 @@ async def wait_ready(url: str, timeout: float, process: ManagedProcess | None = 
 class OwnService:
     url: str
     process: ManagedProcess
+    jwt_secret: str
+
+
+async def start_service(
+    db_dsn: str,
+    amqp_url: str,
+    settings: dict[str, str],
+    log_path: pathlib.Path,
+    args: Sequence[str] = (),
+) -> OwnService:
+    """run.py on a free port of 127.0.0.1 with a random JWT secret and these FEED_* settings
+    (none from this environment) and run.py arguments; returns once it is ready."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
+    env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
+    env.update(settings)
+    argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1", "--port", str(port)]
+    service = ManagedProcess("the service", [*argv, *args], log_path, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    await wait_ready(url, 60, service)
+    return OwnService(url, service, env["FEED_JWT_SECRET"])
 
 
 @contextlib.asynccontextmanager
 async def own_service(
     db_dsn: str, amqp_url: str, settings: dict[str, str], log_path: pathlib.Path
 ) -> AsyncIterator[OwnService]:
-    """run.py on a free port with a random JWT secret and these FEED_* settings (nothing else
-    from the environment), its users' ids from a random block above 10^12 as in the load test
-    (posts are routed by author id on a broker others share); yields its URL and process, stops
-    it after."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
-    env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
-    env.update(settings)
-    argv = [sys.executable, str(REPO / "run.py"), "--port", str(port)]
-    service = ManagedProcess("the service", argv, log_path, env=env, cwd=REPO)
+    """start_service, with its users' ids from a random block above 10^12 as in the load test
+    (posts are routed by author id on a broker others share); stops it after."""
+    service = await start_service(db_dsn, amqp_url, settings, log_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, 60, service)
         await asyncio.to_thread(_ids_from_a_random_block, db_dsn)
-        yield OwnService(url, service)
+        yield service
     finally:
-        service.stop()
+        service.process.stop()
 
 
 def _ids_from_a_random_block(dsn: str) -> None:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.population import BENCH_PASSWORD, build_follow_graph, zipf_cum_weights
 from feed_app.auth import hash_password_sync
-from feed_app.db import prepare_database
+from feed_app.db import drop_database, prepare_database
 
 DEFAULT_DSN = "postgresql://127.0.0.1:5432/feed_paging"
 COPY_BATCH = 200_000  # rows per COPY call: bounded memory, few round trips
@@ -88,13 +88,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def recreate_database(dsn: str) -> None:
-    params = psycopg2.extensions.parse_dsn(dsn)
-    admin = psycopg2.connect(**{**params, "dbname": "postgres"})
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        name = psycopg2.extensions.quote_ident(params["dbname"], cur)
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    drop_database(dsn)
     prepare_database(dsn)  # creates it and applies sql/
 
 

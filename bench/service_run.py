@@ -13,8 +13,6 @@ import asyncio
 import dataclasses
 import os
 import random
-import secrets
-import sys
 import time
 from typing import Any
 
@@ -24,7 +22,7 @@ from bench import report, saturation
 from bench.feedclient import FeedClient, Tracker, open_clients, ratio, summarize
 from bench.population import Population, choose_authors, seed_database
 from bench.posting import Plan, PostingPhase, Service
-from bench.processes import REPO, ManagedProcess, free_port, scan_log, wait_ready
+from bench.processes import ManagedProcess, scan_log, start_service, wait_ready
 from bench.procstats import CpuMeter, descendants, processes_named, rabbitmq_snapshot, rss_bytes
 from feed_app.auth import issue_token
 from feed_app.config import DEV_JWT_SECRET
@@ -148,22 +146,12 @@ class ServiceRun:
             for url in args.url:
                 await wait_ready(url.rstrip("/"), 10)
             return Target([u.rstrip("/") for u in args.url], secret, pid_roots=roots)
-        port = free_port()
-        secret = secrets.token_hex(32)
-        env = {
-            **os.environ,
-            "FEED_DB_DSN": args.db_dsn,
-            "FEED_AMQP_URL": args.amqp_url,
-            "FEED_JWT_SECRET": secret,
-            **UNLIMITED,
-        }
-        argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--workers", str(args.workers), "--fanout", self.mode]
-        self.say(f"starting the service: {' '.join(argv[2:])}")
-        process = ManagedProcess("the service", argv, self.log_path, env=env, cwd=REPO)
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, 60, process)
-        return Target([url], secret, process=process)
+        run_args = ["--workers", str(args.workers), "--fanout", self.mode]
+        self.say(f"starting the service: run.py {' '.join(run_args)}")
+        service = await start_service(
+            args.db_dsn, args.amqp_url, UNLIMITED, self.log_path, run_args
+        )
+        return Target([service.url], service.jwt_secret, process=service.process)
 
     async def seed(self) -> None:
         started = time.monotonic()

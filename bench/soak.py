@@ -63,7 +63,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from bench.feedclient import summarize
 from bench.loadtest import DEFAULT_AMQP, RESULTS_DIR, raise_fd_limit
 from bench.population import build_population, seed_database
-from bench.processes import ManagedProcess, free_port, scan_log, stop_all, wait_ready
+from bench.processes import scan_log, start_service, stop_all, wait_ready
 from bench.procstats import (
     broker_pid,
     connections_to_port,
@@ -263,21 +263,10 @@ class Soak:
             await wait_ready(url, 10)
             roots = [args.service_pid] if args.service_pid else []
             return Target([url], secret, pid_roots=roots)
-        port = free_port()
-        secret = secrets.token_hex(32)
-        env = {
-            **os.environ,
-            "FEED_DB_DSN": args.db_dsn,
-            "FEED_AMQP_URL": args.amqp_url,
-            "FEED_JWT_SECRET": secret,
-        }
         extra = [*(["--fanout", args.fanout] if args.fanout else []), *args.service_arg]
-        argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1", "--port", str(port)]
-        self.say(f"starting the service: run.py --port {port} {' '.join(extra)}".rstrip())
-        process = ManagedProcess("the service", argv + extra, self.log_path, env=env, cwd=REPO)
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, 60, process)
-        return Target([url], secret, process=process)
+        self.say(f"starting the service: run.py {' '.join(extra)}".rstrip())
+        service = await start_service(args.db_dsn, args.amqp_url, {}, self.log_path, extra)
+        return Target([service.url], service.jwt_secret, process=service.process)
 
     async def seed(self) -> None:
         base = await asyncio.to_thread(

@@ -37,7 +37,7 @@ import psycopg2.extensions
 from deploy import processes
 from deploy.balancer import Balancer, BalancerError
 from deploy.rabbit_nodes import Node, NodeError
-from feed_app.db import prepare_database
+from feed_app.db import drop_database, prepare_database
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = pathlib.Path(os.environ.get("FEED_CLUSTER_DIR", "/tmp/feed-cluster"))
@@ -251,14 +251,8 @@ class Cluster:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _drop_database(self) -> None:
-        params = psycopg2.extensions.parse_dsn(self.db_dsn)
         with contextlib.suppress(psycopg2.Error):
-            admin = psycopg2.connect(**{**params, "dbname": "postgres"})
-            admin.autocommit = True
-            with admin.cursor() as cur:
-                name = psycopg2.extensions.quote_ident(params["dbname"], cur)
-                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            admin.close()
+            drop_database(self.db_dsn)
 
     # --- instances ------------------------------------------------------------------------------
 

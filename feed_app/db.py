@@ -98,6 +98,20 @@ def _create_database_if_missing(dsn: str) -> None:
         admin.close()
 
 
+def drop_database(dsn: str) -> None:
+    """Drop the DSN's database, sessions and all (tests, benchmarks and the local cluster make
+    databases of their own and drop them when done)."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    admin = psycopg2.connect(**{**params, "dbname": "postgres"})
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            name = psycopg2.extensions.quote_ident(params["dbname"], cur)
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        admin.close()
+
+
 # --- queries --------------------------------------------------------------------------------------
 
 _POST_COLUMNS = "id, author_id, text, created_at"

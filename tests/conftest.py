@@ -18,10 +18,10 @@ import pytest
 
 from feed_app.app import Service, make_app
 from feed_app.config import Settings
-from feed_app.db import prepare_database
+from feed_app.db import drop_database, prepare_database
 from feed_app.fanout import MODES
 from feed_app.limits import rate
-from tests.faults import ServiceProcess, free_port
+from tests.faults import ServiceProcess, TcpProxy, endpoint_of, free_port
 from tests.support import Api
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
@@ -67,11 +67,25 @@ def db_dsn():
         cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (first_id,))
     conn.close()
     yield dsn
-    admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    drop_database(dsn)
+
+
+@pytest.fixture
+def scratch_dsn() -> Iterator[str]:
+    """A database of its own for a bench tool's service (run.py creates it), dropped after. The
+    name says "bench": the load test empties only databases named so."""
+    dsn = f"{SERVER_DSN}/feed_bench_scratch_{secrets.token_hex(4)}"
+    yield dsn
+    drop_database(dsn)
+
+
+@pytest.fixture
+def amqp_proxy(io_loop) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of RabbitMQ: a service given its URL can be cut off the broker."""
+    proxy = TcpProxy(*endpoint_of(AMQP_URL, 5672))
+    io_loop.run_sync(proxy.start)
+    yield proxy
+    io_loop.run_sync(proxy.close)
 
 
 # A module whose guarantees must hold in both fan-out modes: pytestmark = both_fanout_modes.

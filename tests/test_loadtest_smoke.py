@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
-import secrets
 import subprocess
 import sys
 from typing import Any
 
-import psycopg2
 import pytest
 
 from bench import saturation
@@ -27,25 +24,13 @@ from feed_app.fanout import MODES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOADTEST = REPO / "bench" / "loadtest.py"
-SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 TIMEOUT = 120  # seconds; the smoke run (both modes) takes about 20 s
 
 
-@pytest.fixture
-def smoke_dsn():
-    name = f"feed_bench_smoke_{secrets.token_hex(4)}"  # run.py creates it
-    yield f"{SERVER_DSN}/{name}"
-    admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
-
-
-def test_smoke_run_loses_and_duplicates_nothing(tmp_path: pathlib.Path, smoke_dsn: str) -> None:
+def test_smoke_run_loses_and_duplicates_nothing(tmp_path: pathlib.Path, scratch_dsn: str) -> None:
     results_path = tmp_path / "smoke.json"
     argv = [sys.executable, str(LOADTEST), "--smoke", "--quiet", "--fanout", "both"]
-    argv += ["--db-dsn", smoke_dsn]
+    argv += ["--db-dsn", scratch_dsn]
     completed = subprocess.run(
         [*argv, "--json", str(results_path)],
         cwd=REPO,

@@ -35,8 +35,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from feed_app import auth
 from feed_app.wire import Close
-from tests.conftest import AMQP_URL, with_settings
-from tests.faults import TcpProxy, endpoint_of
+from tests.conftest import with_settings
 from tests.support import PASSWORD, User
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -341,15 +340,6 @@ def chromium() -> Iterator[Chromium]:
     browser = Chromium.launch()
     yield browser
     browser.close()
-
-
-@pytest.fixture
-def amqp_proxy(io_loop) -> Iterator[TcpProxy]:
-    """The service reaches RabbitMQ through this proxy, so a test can cut the broker off."""
-    proxy = TcpProxy(*endpoint_of(AMQP_URL, 5672))
-    io_loop.run_sync(proxy.start)
-    yield proxy
-    io_loop.run_sync(proxy.close)
 
 
 @pytest.fixture

@@ -44,14 +44,6 @@ pytestmark = both_fanout_modes
 
 
 @pytest.fixture
-def amqp_proxy(io_loop) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(*endpoint_of(AMQP_URL, 5672))
-    io_loop.run_sync(proxy.start)
-    yield proxy
-    io_loop.run_sync(proxy.close)
-
-
-@pytest.fixture
 def pg_proxy(io_loop, db_dsn) -> Iterator[TcpProxy]:
     proxy = TcpProxy(*endpoint_of(db_dsn, 5432))
     io_loop.run_sync(proxy.start)

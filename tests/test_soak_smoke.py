@@ -11,39 +11,22 @@ run does not (it is printed, and checked only by the full soak).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import secrets
 import subprocess
 import sys
 
-import psycopg2
-import pytest
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SOAK = REPO / "bench" / "soak.py"
-SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 TIMEOUT = 180  # seconds; the smoke run itself takes about half a minute
 
 
-@pytest.fixture
-def smoke_dsn():
-    name = f"feed_soak_smoke_{secrets.token_hex(4)}"  # run.py creates it
-    yield f"{SERVER_DSN}/{name}"
-    admin = psycopg2.connect(f"{SERVER_DSN}/postgres")
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
-
-
 def test_churn_with_handshake_hangups_leaves_nothing_behind(
-    tmp_path: pathlib.Path, smoke_dsn: str
+    tmp_path: pathlib.Path, scratch_dsn: str
 ) -> None:
     results_path = tmp_path / "soak.json"
     argv = [sys.executable, str(SOAK), "--smoke", "--quiet", "--no-chart"]
     completed = subprocess.run(
-        [*argv, "--db-dsn", smoke_dsn, "--json", str(results_path)],
+        [*argv, "--db-dsn", scratch_dsn, "--json", str(results_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

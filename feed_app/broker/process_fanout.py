@@ -32,6 +32,7 @@ import pika.exceptions
 from feed_app import wire
 from feed_app.broker import messages
 from feed_app.broker.connection import Broker, BrokerUnavailable, Channel
+from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.fanout import Subscriber
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ UNBIND_AFTER = 10.0  # seconds an author stays bound without a local follower
 _AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
 
 
-class ProcessFanout:
+class ProcessFanout(BrokerFanout):
     def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+        super().__init__(broker)
         self.queue = f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         self._subscribers: dict[str, set[Subscriber]] = {}  # routing key -> local subscribers
         self._keys: dict[Subscriber, set[str]] = {}  # subscriber -> its routing keys
@@ -54,19 +55,10 @@ class ProcessFanout:
         self._idle: dict[str, float] = {}  # bound routing key -> when its last subscriber left
         self._channel: Channel | None = None
         self._setup: Channel | None = None
-        self._ready = asyncio.Event()
         self._flush_scheduled = False
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
         self._healing: asyncio.TimerHandle | None = None
-        self._opening: asyncio.Task | None = None
-
-    @property
-    def is_ready(self) -> bool:
-        return self._ready.is_set() and self.broker.is_open
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._ready.wait(), timeout)
 
     # --- what metrics and tests read ----------------------------------------------------------
 
@@ -87,10 +79,7 @@ class ProcessFanout:
 
     # --- the broker's connection ---------------------------------------------------------------
 
-    def on_broker_open(self) -> None:
-        self._opening = asyncio.ensure_future(self._open_queue())
-
-    async def _open_queue(self) -> None:
+    async def _set_up(self) -> None:
         try:
             channel = await self.broker.open_channel(prefetch=PREFETCH)
             setup = await self.broker.open_channel()

@@ -21,6 +21,7 @@ import pika.exceptions
 from feed_app import wire
 from feed_app.broker import messages
 from feed_app.broker.connection import Broker, BrokerUnavailable, Channel
+from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.fanout import Subscriber
 
 log = logging.getLogger(__name__)
@@ -73,24 +74,15 @@ def _ack(channel: Channel, delivery_tag: int, written: asyncio.Future) -> None:
     channel.ack(delivery_tag)
 
 
-class SessionFanout:
+class SessionFanout(BrokerFanout):
     def __init__(self, broker: Broker, *, queue_max: int, prefetch: int) -> None:
-        self.broker = broker
+        super().__init__(broker)
         self.queue_max = queue_max
         self.prefetch = prefetch
         self._queues: dict[Subscriber, SessionQueue] = {}
         self._consume: list[Channel] = []
         self._setup: list[Channel] = []
         self._round_robin = itertools.count()
-        self._ready = asyncio.Event()
-        self._opening: asyncio.Task | None = None
-
-    @property
-    def is_ready(self) -> bool:
-        return self._ready.is_set() and self.broker.is_open
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._ready.wait(), timeout)
 
     # --- what metrics and tests read ----------------------------------------------------------
 
@@ -112,10 +104,7 @@ class SessionFanout:
 
     # --- the broker's connection ---------------------------------------------------------------
 
-    def on_broker_open(self) -> None:
-        self._opening = asyncio.ensure_future(self._open_channels())
-
-    async def _open_channels(self) -> None:
+    async def _set_up(self) -> None:
         try:
             consume = [
                 await self.broker.open_channel(prefetch=self.prefetch)
