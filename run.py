@@ -109,15 +109,16 @@ def seed_demo(dsn: str) -> None:
         print(f"  id {user_id:<6} {name:<6} follows {follows}", flush=True)
 
 
-def tune_garbage_collector() -> None:
-    """With thousands of sessions a process tracks ~300,000 objects, and CPython's default
-    thresholds ran a full collection every few seconds under load, each pausing every socket
-    for 80-240 ms (measured). Start-up objects are frozen out of collections, and young
-    collections run every 50,000 allocations instead of 700, so short-lived delivery objects
-    die before they are promoted and full collections come minutes apart. Measured at 2,500
-    deliveries/s: p99 309-334 ms -> 136-154 ms (BENCHMARKS.md)."""
+def tune_garbage_collector(young_threshold: int) -> None:
+    """With thousands of sessions a process tracks hundreds of thousands of objects, and
+    CPython's default thresholds run a full collection every few seconds under load, each
+    pausing every socket. Start-up objects are frozen out of collections, and young collections
+    run every FEED_GC_YOUNG_THRESHOLD allocations instead of 700, so short-lived delivery
+    objects die before they are promoted and full collections come far apart. That is safe
+    only because closed sessions leave no cycles (tests/test_session_lifecycle.py); the effect
+    on the tail latency is in BENCHMARKS.md ("Garbage collection")."""
     gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    gc.set_threshold(young_threshold, 20, 10)
 
 
 METRICS_DIRECTORY_PREFIX = "feed-metrics-"
@@ -162,7 +163,7 @@ async def serve(settings: Settings, sockets: list | None) -> None:
     from feed_app.app import Service  # after metrics_directory()
 
     service = await Service.create(settings)
-    tune_garbage_collector()
+    tune_garbage_collector(settings.gc_young_threshold)
     service.listen(sockets)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

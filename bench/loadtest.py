@@ -105,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     target.add_argument("--workers", type=int, default=1, help="run.py --workers [1]")
     target.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the spawned service (repeatable), e.g. FEED_GC_YOUNG_THRESHOLD=700",
+    )
+    target.add_argument(
         "--db-dsn",
         default=os.environ.get("FEED_BENCH_DB_DSN", DEFAULT_DSN),
         help=f"bench database (FEED_BENCH_DB_DSN) [{DEFAULT_DSN}]",

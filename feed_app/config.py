@@ -39,6 +39,7 @@ class Settings:
     ping_interval: float = 20.0
     outbox_lease: float = 10.0
     shutdown_timeout: float = 10.0
+    gc_young_threshold: int = 50_000
     demo: bool = False
     # Limits (README, "Limits"): each a token bucket per key, or a count per process.
     login_rate_user: Rate = Rate(10, 60)
@@ -93,6 +94,7 @@ _OPTIONS = [
     ("ping_interval", "FEED_PING_INTERVAL", "websocket ping interval, seconds"),
     ("outbox_lease", "FEED_OUTBOX_LEASE", "seconds before another process republishes a post"),
     ("shutdown_timeout", "FEED_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take"),
+    ("gc_young_threshold", "FEED_GC_YOUNG_THRESHOLD", "allocations between young collections"),
     ("login_rate_user", "FEED_LOGIN_RATE_USER", "login attempts per user id (N/minute, N/hour)"),
     ("login_rate_address", "FEED_LOGIN_RATE_ADDRESS", "login attempts per client address"),
     ("register_rate", "FEED_REGISTER_RATE", "registrations per client address"),
@@ -145,7 +147,13 @@ def parse_settings(
         trusted_networks(settings.trusted_proxies)
     except ValueError as exc:
         parser.error(f"FEED_TRUSTED_PROXIES: {exc}")
-    for field in ("hash_workers", "sockets_per_user", "sockets_max", "follow_max"):
+    for field in (
+        "hash_workers",
+        "sockets_per_user",
+        "sockets_max",
+        "follow_max",
+        "gc_young_threshold",
+    ):
         if getattr(settings, field) < 1:
             parser.error(f"--{field.replace('_', '-')} must be at least 1")
     if settings.refusal_delay < 0:
