@@ -54,7 +54,6 @@ def phase_authors(population: Population, rate: float, duration: float, args: An
     return choose_authors(population, posts, args.author_choice, rng)
 
 
-@dataclasses.dataclass
 def service_env(args: argparse.Namespace) -> dict[str, str]:
     """--service-env NAME=VALUE options as a dict."""
     pairs = [item.partition("=") for item in args.service_env]
@@ -63,6 +62,7 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
     return {name: value for name, _, value in pairs}
 
 
+@dataclasses.dataclass
 class Target:
     """Where the service runs, and how to read its processes."""
 
