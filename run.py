@@ -93,13 +93,13 @@ def seed_demo(dsn: str) -> None:
                 (ids[follower], ids[author]),
             )
         if not existing:
-            # Oldest first, so that ids (from post_clock, as insert_post takes them) follow time.
-            # No outbox row: nobody is connected yet; sessions read history from the database.
+            # Oldest first, so that ids (from the sequence, as create_post takes them) follow
+            # time. No outbox row: nobody is connected yet; sessions read history from the
+            # database.
             for author, text, hours_ago in sorted(DEMO_POSTS, key=lambda post: -post[2]):
                 cur.execute(
-                    "WITH clock AS (UPDATE post_clock SET last_id = last_id + 1 RETURNING last_id)"
-                    " INSERT INTO posts (id, author_id, text, created_at)"
-                    " SELECT last_id, %s, %s, now() - %s * interval '1 hour' FROM clock",
+                    "INSERT INTO posts (id, author_id, text, created_at)"
+                    " VALUES (nextval('post_ids'), %s, %s, now() - %s * interval '1 hour')",
                     (ids[author], text, hours_ago),
                 )
     conn.close()

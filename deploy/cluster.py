@@ -194,6 +194,12 @@ class Cluster:
             self.balancer.start()
             self.save()
             self.wait_balanced()
+        except (ClusterError, NodeError, BalancerError) as exc:
+            self.down()
+            raise ClusterError(f"{exc}; what `up` had started is stopped again") from exc
+        except Exception as exc:
+            self.down()
+            raise ClusterError(f"up failed ({exc!r}); what it started is stopped again") from exc
         except BaseException:
             self.down()
             raise

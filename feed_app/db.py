@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import logging
 import pathlib
+import time
 from typing import Any
 
 import aiopg
@@ -23,7 +24,7 @@ MIGRATION_LOCK = 0x46454544  # pg_advisory_lock key ("FEED") serialising concurr
 # Seconds for connecting or for one query (aiopg closes a connection whose query times out). It
 # bounds how long a request waits on a PostgreSQL that accepts connections but does not answer.
 QUERY_TIMEOUT = 3.0
-HORIZON_ATTEMPTS = 20  # reads of posts_after, a sample apart, before it gives up
+HORIZON_ATTEMPTS = 30  # samples posts_after waits for the horizon clock at start-up
 
 
 class DatabaseUnavailable(Exception):
@@ -186,6 +187,7 @@ class Database:
         self.pool = pool
         self.horizon = HorizonClock()
         self._sampling: asyncio.Task | None = None
+        self._stall_logged = 0.0
 
     @classmethod
     async def connect(cls, dsn: str, pool_size: int) -> Database:
@@ -232,19 +234,30 @@ class Database:
     async def ping(self) -> None:
         await self._run("SELECT 1")
 
+    def _horizon_stalled(self) -> None:
+        now = time.monotonic()
+        if now - self._stall_logged > 60:
+            self._stall_logged = now
+            log.warning(
+                "post horizon stalled: a transaction on the server has been running for minutes;"
+                " feeds stay exact but checkpoints stop advancing until it ends"
+            )
+
     async def _sample_horizon(self) -> None:
         """Feed the horizon clock (feed_app/horizon.py) for as long as the pool is open."""
+        # The sample's own transaction id costs a commit record; it needs no flush to disk.
         sql = """
-            SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
-                   CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+            SELECT pg_current_xact_id()::text::bigint,
+                   CASE WHEN is_called THEN last_value ELSE last_value - 1 END,
+                   set_config('synchronous_commit', 'off', true)
             FROM post_ids"""
         while not self.pool.closed:
             try:
-                [(xmax, last_value)] = await self._run(sql)
+                [(xid, last_value, _)] = await self._run(sql)
             except DatabaseUnavailable:
                 pass  # requests report the outage; the clock resumes with the database
             else:
-                self.horizon.add_sample(xmax, last_value)
+                self.horizon.add_sample(xid, last_value)
             await asyncio.sleep(HorizonClock.SAMPLE_EVERY)
 
     # users and follows
@@ -262,10 +275,13 @@ class Database:
         rows = await self._run("SELECT password_hash FROM users WHERE id = %s", (user_id,))
         return rows[0][0] if rows else None
 
-    async def follow(self, follower_id: int, author_id: int, most: int) -> bool:
-        """Follow, unless the follower already follows `most` others (then False). Following
+    async def follow(self, follower_id: int, author_id: int, most: int, lease: float) -> int | None:
+        """Follow, unless the follower already follows `most` others (then None). Following
         an author again is a no-op. Concurrent follows of one user each count the follows
-        committed before them, so together they can pass `most` by the number in flight."""
+        committed before them, so together they can pass `most` by the number in flight.
+
+        The change is queued in follow_outbox in the same statement; returns its id, for the
+        relay to announce (relay.announce_follow_change)."""
         sql = """
             WITH mine AS (
                 SELECT count(*) AS n, bool_or(author_id = %(author)s) AS already
@@ -274,18 +290,32 @@ class Database:
                 INSERT INTO follows (follower_id, author_id)
                 SELECT %(follower)s, %(author)s FROM mine WHERE n < %(most)s
                 ON CONFLICT DO NOTHING
+            ), announced AS (
+                INSERT INTO follow_outbox (follower_id, author_id, claimed_until)
+                SELECT %(follower)s, %(author)s, now() + %(lease)s * interval '1 second'
+                FROM mine WHERE n < %(most)s OR coalesce(already, false)
+                RETURNING id
             )
-            SELECT n < %(most)s OR coalesce(already, false) FROM mine"""
-        params = {"follower": follower_id, "author": author_id, "most": most}
+            SELECT (SELECT id FROM announced)"""
+        params = {"follower": follower_id, "author": author_id, "most": most, "lease": lease}
         try:
-            [(allowed,)] = await self._run(sql, params)  # idempotent, so safe to retry
+            [(change_id,)] = await self._run(sql, params, retry=False)
         except psycopg2.errors.ForeignKeyViolation as exc:
             raise UnknownUser(f"user {follower_id} or {author_id} does not exist") from exc
-        return allowed
+        return change_id
 
-    async def unfollow(self, follower_id: int, author_id: int) -> None:
-        sql = "DELETE FROM follows WHERE follower_id = %s AND author_id = %s"
-        await self._run(sql, (follower_id, author_id))
+    async def unfollow(self, follower_id: int, author_id: int, lease: float) -> int:
+        """Stop following (a no-op if not following); the change is queued as follow() does."""
+        sql = """
+            WITH gone AS (
+                DELETE FROM follows WHERE follower_id = %(follower)s AND author_id = %(author)s
+            )
+            INSERT INTO follow_outbox (follower_id, author_id, claimed_until)
+            VALUES (%(follower)s, %(author)s, now() + %(lease)s * interval '1 second')
+            RETURNING id"""
+        params = {"follower": follower_id, "author": author_id, "lease": lease}
+        [(change_id,)] = await self._run(sql, params, retry=False)
+        return change_id
 
     async def is_following(self, follower_id: int, author_id: int) -> bool:
         sql = "SELECT EXISTS (SELECT 1 FROM follows WHERE follower_id = %s AND author_id = %s)"
@@ -341,14 +371,18 @@ class Database:
 
     async def posts_after(
         self, author_ids: list[int], after_id: int, limit: int, *, newest: bool = False
-    ) -> tuple[list[Post], int]:
+    ) -> tuple[list[Post], int | None]:
         """Posts of these authors with id > after_id, oldest first, and the read's horizon:
         every committed post with an id up to it is in the read (feed_app/horizon.py). Posts
         above it may be in the read too, and others may still commit below the newest returned.
         With newest=True, the newest `limit` posts instead of the oldest.
 
         A session subscribes before it calls this and drops live posts at or below the horizon
-        or already sent: it then misses nothing and shows nothing twice."""
+        or already sent: it then misses nothing and shows nothing twice.
+
+        The horizon is None when a transaction somewhere on the server has been running for
+        longer than the clock remembers (feed_app/horizon.py): the read is good, but nobody can
+        say up to where."""
         order = "DESC" if newest else "ASC"
         sql = f"""
             SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, {_POST_ROW}
@@ -356,16 +390,15 @@ class Database:
                 SELECT {_POST_COLUMNS} FROM posts
                 WHERE author_id = ANY(%s) AND id > %s ORDER BY id {order} LIMIT %s
             ) p ON true LEFT {_JOIN_AUTHOR}"""
+        rows = await self._run(sql, (author_ids, after_id, limit))
         for _ in range(HORIZON_ATTEMPTS):
-            rows = await self._run(sql, (author_ids, after_id, limit))
-            horizon = self.horizon.horizon(rows[0][0])
-            if horizon is not None:
+            if self.horizon.warm:
                 break
-            # The clock has no sample older than this read's snapshot: it has just started, or
-            # a transaction has been running for minutes. Wait for a sample, then read again.
-            await asyncio.sleep(HorizonClock.SAMPLE_EVERY)
-        else:
-            raise DatabaseUnavailable("no post horizon: a transaction has run for minutes")
+            await asyncio.sleep(HorizonClock.SAMPLE_EVERY)  # the clock has only just started
+            rows = await self._run(sql, (author_ids, after_id, limit))
+        horizon = self.horizon.horizon(rows[0][0])
+        if horizon is None:
+            self._horizon_stalled()
         posts = [Post(*row[1:]) for row in rows if row[1] is not None]
         posts.sort(key=lambda post: post.id)
         return posts, horizon
@@ -394,6 +427,20 @@ class Database:
 
     async def delete_outbox(self, post_ids: list[int]) -> None:
         await self._run("DELETE FROM outbox WHERE post_id = ANY(%s)", (post_ids,))
+
+    async def claim_follow_changes(self, lease: float, limit: int) -> list[tuple[int, int, int]]:
+        """(id, follower, author) of follow changes whose announcement was not confirmed within
+        their lease, taken over for another lease."""
+        sql = """
+            UPDATE follow_outbox SET claimed_until = now() + %(lease)s * interval '1 second'
+            WHERE id IN (
+                SELECT id FROM follow_outbox WHERE claimed_until < now()
+                ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+            RETURNING id, follower_id, author_id"""
+        return await self._run(sql, {"lease": lease, "limit": limit}, retry=False)
+
+    async def delete_follow_changes(self, change_ids: list[int]) -> None:
+        await self._run("DELETE FROM follow_outbox WHERE id = ANY(%s)", (change_ids,))
 
     async def outbox_backlog(self) -> int:
         [(count,)] = await self._run("SELECT count(*) FROM outbox")

@@ -7,6 +7,7 @@ import decimal
 import json
 import logging
 import pathlib
+import re
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024  # request bodies here are a few hundred bytes of JSON
 MAX_POST_LENGTH = 1000
 MAX_NAME_LENGTH = 64
+# Control characters, and the marks that turn text right to left, with which a name can be made
+# to read as another one on the page ("U+202E"). openapi.json's name pattern says the same.
+NAME_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 PASSWORD_LENGTH = (8, 128)
 MAX_FEED_LIMIT = 100
 # A page at an offset costs one index scan per followed author, each offset + limit deep, so the
@@ -50,20 +54,19 @@ def parse_id(value: str | None, what: str) -> int:
     return int(value)
 
 
-def int_argument(handler: tornado.web.RequestHandler, name: str, default: int, high: int) -> int:
-    """A query argument from 0 to high; 400 for anything else."""
+def int_argument(
+    handler: tornado.web.RequestHandler, name: str, default: int, high: int, low: int = 0
+) -> int:
+    """A query argument from low to high; 400 for anything else."""
     value = handler.get_query_argument(name, str(default))
-    if not (_digits(value) and int(value) <= high):
-        raise ApiError(400, f"{name} must be an integer from 0 to {high}")
+    if not (_digits(value) and low <= int(value) <= high):
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}")
     return int(value)
 
 
 def limit_argument(handler: tornado.web.RequestHandler, default: int, high: int) -> int:
     """The `limit` query argument, from 1 to high; 400 for anything else."""
-    limit = int_argument(handler, "limit", default, high)
-    if limit == 0:
-        raise ApiError(400, f"limit must be an integer from 1 to {high}")
-    return limit
+    return int_argument(handler, "limit", default, high, low=1)
 
 
 def _storable(text: str) -> bool:
@@ -90,8 +93,10 @@ def error_message(status_code: int, exc: BaseException | None, reason: str) -> s
         return "database unavailable, try again shortly"
     if isinstance(exc, UnknownUser):
         return "the user of this token does not exist"
+    if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code < 500:
+        return exc.log_message % exc.args  # Tornado's own words: "Invalid unicode in q: ..."
     if status_code < 500:
-        return reason  # Tornado's own refusals: 405, a path or query that is not UTF-8, ...
+        return reason  # Tornado's own refusals: 405, ...
     return "internal server error"
 
 
@@ -197,6 +202,8 @@ class RegisterHandler(BaseHandler):
         name, password = body["name"].strip(), body["password"]
         if not name or len(body["name"]) > MAX_NAME_LENGTH:
             raise ApiError(400, f"name must be 1 to {MAX_NAME_LENGTH} characters")
+        if NAME_FORBIDDEN.search(name):
+            raise ApiError(400, "name must not hold control or text-direction characters")
         if not PASSWORD_LENGTH[0] <= len(password) <= PASSWORD_LENGTH[1]:
             raise ApiError(400, "password must be {} to {} characters".format(*PASSWORD_LENGTH))
         limits = self.service.limits
@@ -242,12 +249,16 @@ class FollowHandler(BaseHandler):
             raise ApiError(400, "you cannot follow or unfollow yourself")
         await self.service.limits.follow_change(caller)
         await self.require_user(author)
-        if not self.follow:
-            await self.db.unfollow(caller, author)
-        elif not await self.db.follow(caller, author, self.service.limits.follow_max):
+        relay = self.service.relay
+        if self.follow:
             most = self.service.limits.follow_max
-            raise ApiError(409, f"you follow {most} authors, the most allowed; unfollow one first")
-        await self.service.relay.publish_follow_change(caller, author)
+            change = await self.db.follow(caller, author, most, relay.lease)
+            if change is None:
+                message = f"you follow {most} authors, the most allowed; unfollow one first"
+                raise ApiError(409, message)
+        else:
+            change = await self.db.unfollow(caller, author, relay.lease)
+        await relay.announce_follow_change(change, caller, author)
         self.finish({"user_id": caller, "author_id": author, "following": self.follow})
 
 

@@ -5,12 +5,15 @@ writers of a deployment: a post can commit after one with a higher id. A session
 PostgreSQL and then drops live posts it has "already covered" must know what the read covered,
 and "every post up to the highest id it returned" is not that: a lower id may still be in flight.
 
-The clock samples, in turn, the sequence's last value L_i and the snapshot's xmax M_i (the first
-transaction id not yet assigned when the sample's snapshot was taken). Take two samples in a row:
+Each sample reads the sequence's last value L_i and takes a transaction id N_i of its own
+(pg_current_xact_id(): above every transaction id assigned before it). Take two samples in a row:
 every transaction that holds a post id <= L_i took it before sample i read the sequence, and took
 its transaction id before that (create_post() makes sure of the order), so its transaction id is
-below M_(i+1), the xmax of a snapshot taken later still. A read whose snapshot has xmin >= M_(i+1)
-finds all of those transactions finished, so every committed post with an id <= L_i is in it.
+below N_(i+1), assigned later still. A read whose snapshot has xmin >= N_(i+1) finds every
+transaction below N_(i+1) finished, so every committed post with an id <= L_i is in it.
+
+(Not the snapshot's xmax: PostgreSQL sets it to the newest *finished* transaction id + 1, so a
+transaction still running with a newer id is neither below it nor listed as running.)
 
 The horizon of a read is the largest such L_i. It lags the newest id by about one sampling period
 (plus the longest transaction then running); posts above it that the read did return are
@@ -28,15 +31,20 @@ class HorizonClock:
     KEEP = 3000  # samples: reads whose snapshot is up to five minutes behind still get a horizon
 
     def __init__(self) -> None:
-        # (M_(i+1), L_i) pairs; both grow from one sample to the next.
+        # (N_(i+1), L_i) pairs; both grow from one sample to the next.
         self._pairs: collections.deque[tuple[int, int]] = collections.deque(maxlen=self.KEEP)
         self._previous_last_value: int | None = None
 
-    def add_sample(self, xmax: int, last_value: int) -> None:
-        """One sample: the xmax of the sample's snapshot, and the sequence's last value read in
-        the same statement (so after that snapshot was taken)."""
+    @property
+    def warm(self) -> bool:
+        """Whether the clock has run long enough for a read to expect a horizon: a few samples,
+        so that transactions that were running as it started have finished."""
+        return len(self._pairs) >= 3
+
+    def add_sample(self, xid: int, last_value: int) -> None:
+        """One sample: the transaction id it took, and the sequence's last value."""
         if self._previous_last_value is not None:
-            self._pairs.append((xmax, self._previous_last_value))
+            self._pairs.append((xid, self._previous_last_value))
         self._previous_last_value = last_value
 
     def horizon(self, xmin: int) -> int | None:

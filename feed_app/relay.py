@@ -115,6 +115,7 @@ class OutboxRelay:
                 self._wake_deleter.set()
             if self.broker.is_open:
                 await self.sweep_once()
+                await self.sweep_follow_changes()
 
     async def sweep_once(self) -> int:
         """Claim and publish leftover outbox rows; returns how many were claimed."""
@@ -164,11 +165,29 @@ class OutboxRelay:
 
     # --- follow changes ----------------------------------------------------------------------
 
-    async def publish_follow_change(self, user_id: int, author_id: int) -> None:
+    async def announce_follow_change(self, change_id: int, user_id: int, author_id: int) -> bool:
         """Tell the user's open sessions, on every instance, that the follow of this author
-        changed; each checks the database and binds or unbinds. Not in the outbox: if this is
-        lost, the sessions re-read the follows when they next heal."""
+        changed (each checks the database and binds or unbinds), and drop the change's
+        follow_outbox row once the broker confirmed it. When that fails, the row's lease runs
+        out and the sweep announces it again, from whichever instance. Announced twice costs a
+        session one more look at the database."""
         try:
             await asyncio.wait_for(self.broker.publish_follow_change(user_id, author_id), 5)
         except (BrokerUnavailable, asyncio.TimeoutError) as exc:
-            log.warning("follow change of user %d not announced: %s", user_id, exc)
+            log.warning("follow change of user %d not announced yet: %s", user_id, exc)
+            return False
+        try:
+            await self.db.delete_follow_changes([change_id])
+        except DatabaseUnavailable as exc:
+            log.warning("follow change %d announced, its row stays: %s", change_id, exc)
+        return True
+
+    async def sweep_follow_changes(self) -> None:
+        try:
+            changes = await self.db.claim_follow_changes(self.lease, SWEEP_BATCH)
+        except DatabaseUnavailable as exc:
+            log.warning("follow change sweep skipped: %s", exc)
+            return
+        if changes:
+            log.info("announcing %d follow changes from the outbox", len(changes))
+        await asyncio.gather(*(self.announce_follow_change(*change) for change in changes))

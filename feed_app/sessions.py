@@ -53,27 +53,36 @@ class SeenPosts:
 
     `floor` means "everything up to here is settled": at or below it a post was either sent or
     deliberately left out (older than the history window). Above it, ids are remembered one by
-    one; past `capacity` the oldest remembered id raises the floor instead. That only drops a post
-    that arrives more than `capacity` deliveries late, which the outbox does not do in practice.
-    Full, it holds ~80 KB (measured), so a busy session costs at most that much more than an idle
-    one; 1024 covers minutes of even a very busy feed.
+    one. Past `capacity` ids, the oldest one raises the floor instead, once it has been
+    remembered for `keep_for` seconds: a post that comes late (its publish failed; the outbox
+    sends it within the lease) still finds the ids after it remembered, not a floor above it.
+    Past `hard_capacity` the floor rises regardless, so memory stays bounded even for a feed that
+    receives hundreds of posts a second: about 1 KB per 10 ids (measured).
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
+    def __init__(
+        self, capacity: int = 1024, hard_capacity: int = 16384, keep_for: float = 30.0
+    ) -> None:
+        self.capacity, self.hard_capacity, self.keep_for = capacity, hard_capacity, keep_for
         self.floor = 0
         self._ids: set[int] = set()
         self._order: collections.deque[int] = collections.deque()
+        self._seen_at: collections.deque[float] = collections.deque()  # beside _order
 
     def add(self, post_id: int, *, even_below_floor: bool = False) -> bool:
         """True the first time an id is seen, False for a duplicate. Ids at or below the floor
         count as seen, unless even_below_floor (the old posts of a newly followed author)."""
         if (post_id <= self.floor and not even_below_floor) or post_id in self._ids:
             return False
+        now = time.monotonic()
         self._ids.add(post_id)
         self._order.append(post_id)
-        if len(self._order) > self.capacity:
+        self._seen_at.append(now)
+        while len(self._order) > self.capacity and (
+            len(self._order) > self.hard_capacity or now - self._seen_at[0] >= self.keep_for
+        ):
             oldest = self._order.popleft()
+            self._seen_at.popleft()
             self._ids.discard(oldest)
             self.floor = max(self.floor, oldest)
         return True
@@ -82,7 +91,9 @@ class SeenPosts:
         if horizon <= self.floor:
             return
         self.floor = horizon
-        self._order = collections.deque(i for i in self._order if i > horizon)
+        kept = [(i, t) for i, t in zip(self._order, self._seen_at, strict=True) if i > horizon]
+        self._order = collections.deque(i for i, _ in kept)
+        self._seen_at = collections.deque(t for _, t in kept)
         self._ids = set(self._order)
 
 
@@ -106,7 +117,8 @@ class FeedSession:
         self.settings = settings
         self.on_closed = on_closed
         self.following: set[int] = set()  # the feed shows their posts and the user's own
-        self.seen = SeenPosts()
+        # Ids stay remembered while the outbox may still republish a post before them.
+        self.seen = SeenPosts(keep_for=3 * settings.outbox_lease)
         self.ready = False
         self.closed = False
         self._history_pending = True  # the first sync sends history (or the resume read)
@@ -254,22 +266,35 @@ class FeedSession:
             self._authors(), 0, self.settings.history_size, newest=True
         )
         await self._send_posts(posts)
-        self.seen.raise_floor(horizon)
-        self._history_pending = False
+        if horizon is not None:
+            self.seen.raise_floor(horizon)
+            self._history_pending = False
+        # else the next sync sends the history again (duplicates are dropped), rather than
+        # every post after a floor of 0
 
     async def _send_posts_after_floor(self, authors: list[int]) -> None:
         """Everything these authors posted after the floor, page by page, then raise the floor.
-        A full page covers every committed post up to its last id, or up to its horizon if that
-        is lower (a post below may still be committing): the floor rises to the lower."""
-        after = self.seen.floor
+
+        A page covers every committed post only up to its horizon (a post below the page's
+        last id may still be committing), so a full page is sent up to there and the next one
+        read from there: the pages then cover one unbroken range, and the last read's horizon is
+        a floor that no post can be missing under. Without a horizon past the cursor (a
+        transaction has run for minutes) pages are read on from their last id, and the floor is
+        left where it was."""
+        after, unbroken = self.seen.floor, True
         while True:
             posts, horizon = await self.db.posts_after(authors, after, RESUME_PAGE)
-            await self._send_posts(posts)
             if len(posts) < RESUME_PAGE:
-                self.seen.raise_floor(horizon)
+                await self._send_posts(posts)
+                if unbroken and horizon is not None:
+                    self.seen.raise_floor(horizon)
                 return
-            after = posts[-1].id
-            self.seen.raise_floor(min(after, horizon))
+            unbroken = unbroken and horizon is not None and horizon > after
+            cut = min(posts[-1].id, horizon) if unbroken else posts[-1].id
+            await self._send_posts([post for post in posts if post.id <= cut])
+            if unbroken:
+                self.seen.raise_floor(cut)
+            after = cut
 
     async def _send_posts(self, posts: list[Post], *, even_below_floor: bool = False) -> None:
         last = None

@@ -61,6 +61,9 @@ class TcpProxy:
                enable() undoes it. The listening port stays the same throughout.
     pause():   hold every byte from now on, both ways, with the connections left open (a peer
                that hangs); resume() lets them through.
+    cut_client_side(): abort the client's side of every live connection but leave the server's
+               open, as a NAT or firewall that lost its state does: the server believes in the
+               old connections until its own timeouts say otherwise (close() aborts them).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -71,6 +74,7 @@ class TcpProxy:
         self.refused = 0  # connections aborted because the proxy was disabled
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
+        self._half_open: list[asyncio.StreamWriter] = []
         self._flowing = asyncio.Event()
         self._flowing.set()
 
@@ -101,6 +105,12 @@ class TcpProxy:
     def enable(self) -> None:
         self.enabled = True
 
+    def cut_client_side(self) -> int:
+        links, self._links = self._links, set()
+        for link in links:
+            self._half_open.append(link.abort_client_side())
+        return len(links)
+
     def pause(self) -> None:
         self._flowing.clear()
 
@@ -109,6 +119,8 @@ class TcpProxy:
 
     async def close(self) -> None:
         self.drop()
+        for writer in self._half_open:
+            writer.transport.abort()
         if self._server:
             self._server.close()
             await self._server.wait_closed()
@@ -178,6 +190,15 @@ class _Link:
             writer.transport.abort()
         for pump in self.pumps:
             pump.cancel()
+
+    def abort_client_side(self) -> asyncio.StreamWriter:
+        """Abort the client's side only; returns the server's side, still open."""
+        client, server = self.writers
+        self.writers = (client,)  # run() must not abort the server's side when the pumps end
+        client.transport.abort()
+        for pump in self.pumps:
+            pump.cancel()
+        return server
 
 
 # --- the service as a separate process ------------------------------------------------------------

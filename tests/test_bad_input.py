@@ -42,6 +42,8 @@ async def test_bad_register_and_login(api, db_counts):
         ("POST", "/user/register", {"body": {"name": "ann", "password": "short"}}, 400),
         ("POST", "/user/register", {"body": {"name": "ann", "password": None}}, 400),
         ("POST", "/user/register", {"body": {"name": "a\x00b", "password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"body": {"name": "evil\u202ecilA", "password": PASSWORD}}, 400),
+        ("POST", "/user/register", {"body": {"name": "two\nlines", "password": PASSWORD}}, 400),
         ("POST", "/user/register", {"raw": b'{"name": "\\ud800", "password": "longenough"}'}, 400),
         ("POST", "/login", {"body": {"id": str(user.id), "password": PASSWORD}}, 400),
         ("POST", "/login", {"body": {"id": True, "password": PASSWORD}}, 400),

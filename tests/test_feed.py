@@ -1,6 +1,7 @@
 """The feed websocket end to end: real PostgreSQL, real RabbitMQ, real sockets."""
 
 import asyncio
+import collections
 
 import pika
 import psycopg2
@@ -157,16 +158,29 @@ async def test_a_malformed_message_does_not_cost_the_connection(api, service):
     await api.follow(follower, author)
     feed = await api.open_feed(follower)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, publish_junk, str(author.id))
+    junk = [
+        (b"junk", pika.BasicProperties()),
+        (b"junk", pika.BasicProperties(message_id=JUNK_ID)),  # not a post frame
+        (b'{"type":"post","post":{}}', pika.BasicProperties(message_id="x")),
+        # Well formed but for created_ms, which only feeds the latency histogram: delivered.
+        (b'{"type":"post","post":{}}', pika.BasicProperties(message_id=JUNK_ID, headers=LATE)),
+    ]
+    await loop.run_in_executor(None, publish_junk, str(author.id), junk)
     post = await api.post(author, "still delivered")
-    assert await feed.wait_posts(1) == [post]
-    assert service.metrics.broker_reconnects == 0 and service.broker.is_open
+    assert await feed.wait_posts(2) == [{}, post]
+    assert service.metrics.broker_reconnects == 0 and service.fanout.is_ready
 
 
-def publish_junk(routing_key: str) -> None:
-    """A message on the posts exchange that no instance of the service published."""
+LATE = {"created_ms": "soon"}  # a header of the wrong type
+JUNK_ID = str(2**62)  # above any floor the session may have reached
+
+
+def publish_junk(routing_key: str, messages: list[tuple[bytes, pika.BasicProperties]]) -> None:
+    """Messages on the posts exchange that no instance of the service published."""
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    connection.channel().basic_publish("amq.direct", routing_key, b"junk")
+    channel = connection.channel()
+    for body, properties in messages:
+        channel.basic_publish("amq.direct", routing_key, body, properties)
     connection.close()
 
 
@@ -205,7 +219,7 @@ async def test_a_follow_made_while_the_session_reads_its_follows_is_not_missed(
         result = await read_following(user_id)
         reads += 1
         if reads == 1:
-            await service.db.follow(follower.id, author.id, most=1)  # and no announcement
+            await service.db.follow(follower.id, author.id, most=1, lease=60)  # not announced
         return result
 
     monkeypatch.setattr(service.db, "following", following_then_a_follow_lands)
@@ -243,3 +257,55 @@ async def test_a_post_committed_after_one_with_a_higher_id_still_arrives_once(ap
     assert all(since < late_id for since in checkpoints), checkpoints
     resumed = await api.open_feed(follower, since=max(checkpoints, default=0))
     assert {late_id, early["id"]} <= {post["id"] for post in resumed.history}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_horizon_stays_below_a_post_still_being_written_on_a_quiet_server(
+    api, service, db_dsn
+):
+    """A post's transaction takes its id and stays open for a few samples while nothing newer
+    finishes (a quiet deployment, a slow fsync): no read may count it as covered, or the post
+    is dropped when it arrives. (A snapshot's xmax would: it is the newest finished id + 1.)"""
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    writer = psycopg2.connect(db_dsn)
+    try:
+        with writer.cursor() as cur:
+            cur.execute("SELECT id FROM create_post(%s, 'slow commit', 60)", (author.id,))
+            [(late_id,)] = cur.fetchall()
+        await asyncio.sleep(0.5)  # a few samples of the horizon clock while it is open
+        posts, horizon = await service.db.posts_after([author.id], 0, 20)
+        assert late_id not in [post.id for post in posts] and horizon < late_id
+        feed = await api.open_feed(follower)
+        writer.commit()
+    finally:
+        writer.close()
+    service.relay.publish(await service.db.get_post(late_id))  # what its writer does next
+    assert [post["id"] for post in await feed.wait_posts(1)] == [late_id]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_transaction_running_for_minutes_elsewhere_on_the_server_does_not_stop_feeds(
+    api, service, db_dsn, monkeypatch
+):
+    """A snapshot's xmin counts every running transaction of the server, whatever its database:
+    a forgotten psql session, a migration. Once it is older than the horizon clock remembers,
+    reads get no horizon; feeds must still open and deliver (their floor just stops rising)."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    clock = service.db.horizon
+    clock._pairs = collections.deque(clock._pairs, maxlen=10)  # ten samples: one second
+    other = psycopg2.connect(db_dsn.rsplit("/", 1)[0] + "/postgres")
+    try:
+        with other.cursor() as cur:
+            cur.execute("SELECT pg_current_xact_id()")  # and the transaction stays open
+        for n in range(15):
+            await api.post(author, f"meanwhile {n}")
+            await asyncio.sleep(0.1)
+        feed = await api.open_feed(reader)
+        live = await api.post(author, "live")
+        assert [post["id"] for post in await feed.wait_posts(1)] == [live["id"]]
+        assert len(feed.history) == 15
+    finally:
+        other.rollback()
+        other.close()

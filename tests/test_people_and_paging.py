@@ -125,7 +125,7 @@ async def test_both_ways_of_finding_a_feed_page_agree(db_dsn, monkeypatch):
         users = [await db.create_user(f"paging {n}", "x") for n in range(9)]
         reader, followed, silent = users[0], users[1:5], users[5]
         for author in [*followed, silent]:
-            await db.follow(reader, author, most=100)
+            await db.follow(reader, author, most=100, lease=60)
         rng = random.Random(11)
         writers = [*followed, reader, *users[6:]]  # most posts are by users the reader ignores
         weights = [1, 1, 1, 4, 1, 30, 30, 30]

@@ -495,3 +495,103 @@ async def test_sigterm_closes_sockets_with_1001_and_loses_no_post(
     marker = await settle(api, author, [survivor])
     assert_exactly_once(ids_of(survivor.posts), [last, marker], "surviving session")
     await wait_for_outbox_without(db_dsn, {last, marker})
+
+
+# --- 9. races at the seam: closed sockets, stale set-ups, half-open connections -------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_socket_closed_while_its_authors_are_bound_does_not_stall_another(
+    api, service, amqp_proxy
+):
+    """Two sessions need the same author, not yet bound; the first socket closes while the bind
+    is in flight (held by the paused proxy). The second must still get ready and posts: in
+    process mode both wait on one binding, which the first one's cancellation must not cancel."""
+    author, first, second = await api.new_user(), await api.new_user(), await api.new_user()
+    await api.follow(first, author)
+    await api.follow(second, author)
+    amqp_proxy.pause()  # binds are sent; the barrier's answer does not come back yet
+    try:
+        closing = await api.open_feed_unready(first)
+        await wait_for(lambda: service.fanout.subscribers == 1, 5, "the first attaching")
+        staying = await api.open_feed_unready(second)
+        await wait_for(lambda: service.fanout.subscribers == 2, 5, "the second attaching")
+        closing.close()
+        await wait_for(lambda: len(service.sessions) == 1, 5, "the first session closed")
+    finally:
+        amqp_proxy.resume()
+    await staying.wait_ready(5)
+    post = await api.post(author, "live")
+    await until(staying, lambda: post["id"] in ids_of(staying.posts), 5, "a live post")
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_set_up_left_from_a_lost_connection_does_not_close_the_next(
+    api, service, amqp_proxy
+):
+    """The connection drops after the fan-out asked for a channel and before the broker opened
+    it. That set-up must fail at once and leave the next connection alone (it used to wait 10 s
+    and then close whichever connection was current: the new, healthy one)."""
+
+    class DropRightAfterOpen:
+        armed = True
+
+        def on_broker_open(self) -> None:
+            if self.armed:
+                self.armed = False  # after the fan-out sent its first Channel.Open
+                asyncio.get_running_loop().call_soon(amqp_proxy.drop)
+
+        def on_broker_lost(self) -> None:
+            pass
+
+    service.broker.listeners.append(DropRightAfterOpen())
+    amqp_proxy.drop()
+    await wait_for(lambda: amqp_proxy.accepted >= 3, 15, "two reconnects")
+    await wait_for(lambda: service.fanout.is_ready, 15, "the fan-out ready")
+    accepted = amqp_proxy.accepted
+    user = await api.new_user()
+    feed = await api.open_feed(user)
+    await asyncio.sleep(11)  # longer than a stale channel open used to wait before failing
+    assert amqp_proxy.accepted == accepted, "a healthy connection was closed and reopened"
+    assert feed.close_code is None
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_reconnecting_while_the_broker_still_holds_the_old_connection(
+    api, service, amqp_proxy
+):
+    """The service's side of the connection is cut, the broker's is not (a NAT or firewall that
+    lost its state): the broker keeps the old connection and its exclusive queues until its own
+    heartbeat gives up. The service reconnects at once, and its queues must not collide with
+    the old ones (RESOURCE_LOCKED would close the channel, again and again)."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    feed = await api.open_feed(reader)
+    assert amqp_proxy.cut_client_side() >= 1
+    await wait_for(lambda: service.metrics.broker_reconnects >= 1, 10, "a reconnect")
+    await wait_for(lambda: service.fanout.is_ready, 10, "the fan-out ready again")
+    post = await api.post(author, "after the cut")
+    await until(feed, lambda: post["id"] in ids_of(feed.posts), 10, "the post")
+    attempts = amqp_proxy.accepted
+    await asyncio.sleep(2)
+    assert amqp_proxy.accepted == attempts, "the service keeps reconnecting"
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_follow_made_through_an_instance_without_a_broker_reaches_the_open_session(
+    api, service, processes
+):
+    """The follow change waits in follow_outbox like a post in the outbox: the instance that
+    took the PUT cannot announce it, so another one does once its lease runs out."""
+    author, reader = await api.new_user(), await api.new_user()
+    feed = await api.open_feed(reader)
+    nowhere = with_endpoint(AMQP_URL, "127.0.0.1", free_port())
+    elsewhere = processes(FEED_AMQP_URL=nowhere, FEED_OUTBOX_LEASE="1")
+    await elsewhere.start(ready="/healthz")
+    code, body = await Api(elsewhere.base_url).call(
+        "PUT", f"/friend/set/{author.id}", token=reader.token
+    )
+    assert code == 200, body
+    await feed.wait_message("following", timeout=10)
+    post = await api.post(author, "live after the follow")
+    await until(feed, lambda: post["id"] in ids_of(feed.posts), 5, "the followed author's post")

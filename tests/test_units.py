@@ -1,17 +1,24 @@
-"""Pure logic: de-duplication, ack coalescing and configuration parsing."""
+"""Pure logic, and a session against fakes of its database and fan-out: de-duplication, the
+resume's pages, ack coalescing, the horizon clock, configuration parsing."""
 
 import asyncio
+import datetime
+import json
 import time
 
+import psycopg2
 import pytest
 
 from feed_app.broker.connection import Channel, NodeList
 from feed_app.config import Settings, parse_settings, redact_url
+from feed_app.db import Post, prepare_database
 from feed_app.edge import client_address, trusted_networks
+from feed_app.fanout import Delivery
 from feed_app.horizon import HorizonClock
 from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
 from feed_app.metrics import Metrics
-from feed_app.sessions import SeenPosts
+from feed_app.sessions import FeedSession, SeenPosts
+from feed_app.wire import post_frame
 
 
 def test_seen_posts_drops_duplicates_and_everything_at_or_below_the_floor():
@@ -22,12 +29,21 @@ def test_seen_posts_drops_duplicates_and_everything_at_or_below_the_floor():
     assert seen.add(2, even_below_floor=True) and not seen.add(2, even_below_floor=True)
 
 
-def test_seen_posts_stays_bounded_by_raising_the_floor():
-    seen = SeenPosts(capacity=3)
+def test_seen_posts_stays_bounded_by_raising_the_floor(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("feed_app.sessions.time.monotonic", lambda: now[0])
+    seen = SeenPosts(capacity=3, hard_capacity=5, keep_for=30)
     for post_id in (10, 11, 12, 13):
         assert seen.add(post_id)
-    assert seen.floor == 10 and len(seen._ids) == 3
-    assert not seen.add(10) and not seen.add(9) and seen.add(14)
+    # Over capacity, but 10 is recent: a post before it may still come from the outbox.
+    assert seen.floor == 0 and seen.add(9)
+    now[0] += 30
+    assert seen.add(14)  # the oldest are old enough now: the floor rises past them
+    assert seen.floor == 12 and len(seen._ids) == 3
+    assert not seen.add(12) and not seen.add(8) and seen.add(15)
+    for post_id in (16, 17, 18, 19):  # within keep_for, up to the hard capacity
+        assert seen.add(post_id)
+    assert len(seen._ids) == 5 and seen.floor == 14
 
 
 def test_settings_come_from_environment_then_command_line():
@@ -192,12 +208,102 @@ def test_past_the_most_held_refusals_the_next_goes_out_at_once():
 def test_the_horizon_is_the_last_id_of_a_sample_whose_successor_the_read_saw_finished():
     clock = HorizonClock()
     assert clock.horizon(100) is None  # no sample yet
-    clock.add_sample(xmax=100, last_value=7)
+    clock.add_sample(xid=100, last_value=7)
     assert clock.horizon(1000) is None  # one sample: nothing is known about id 7's writers yet
-    clock.add_sample(xmax=105, last_value=9)  # writers of ids <= 7 had xids < 105
-    clock.add_sample(xmax=120, last_value=15)  # writers of ids <= 9 had xids < 120
+    clock.add_sample(xid=105, last_value=9)  # writers of ids <= 7 had xids < 105
+    clock.add_sample(xid=120, last_value=15)  # writers of ids <= 9 had xids < 120
     assert clock.horizon(104) is None  # a transaction below 105 was still running
     assert clock.horizon(105) == 7
     assert clock.horizon(119) == 7
     assert clock.horizon(120) == 9
     assert clock.horizon(10**9) == 9  # 15's writers are unknown until the next sample
+
+
+def test_the_demo_seeds_a_fresh_database_once(scratch_dsn, capsys):
+    import run
+
+    prepare_database(scratch_dsn)
+    run.seed_demo(scratch_dsn)
+    run.seed_demo(scratch_dsn)  # a second start finds it done
+    with psycopg2.connect(scratch_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == len(run.DEMO_USERS)
+        cur.execute("SELECT count(*), count(DISTINCT id) FROM posts")
+        assert cur.fetchone() == (len(run.DEMO_POSTS), len(run.DEMO_POSTS))
+    conn.close()
+    assert "demo users" in capsys.readouterr().out
+
+
+class WrittenAtOnce:
+    """A socket that takes every frame at once, keeping them."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write_text_frame(self, data: bytes) -> asyncio.Future:
+        self.frames.append(data)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def close(self, code=None, reason=None) -> None:
+        pass
+
+
+class BoundAtOnce:
+    is_ready = True
+
+    async def attach(self, subscriber, authors) -> None:
+        pass
+
+    def detach(self, subscriber) -> None:
+        pass
+
+
+def test_a_post_committed_between_two_resume_pages_is_not_dropped():
+    """Resume from 1000. Post 1100 is being written while page 1 is read: page 1 holds the 500
+    posts after 1000 without it (up to 1501), and its horizon is 1099. 1100 then commits and
+    arrives live (held during the sync). Page 2 must be read from 1099, not from 1501, and the
+    floor must not pass 1100 unseen: the held post is then sent once."""
+    author, late = 7, 1100
+    posts = {
+        i: Post(i, author, "t", datetime.datetime.now(datetime.UTC), "a") for i in range(1001, 1601)
+    }
+    reads: list[int] = []
+
+    class Database:
+        async def following(self, user_id):
+            return [author]
+
+        async def posts_after(self, authors, after, limit, newest=False):
+            reads.append(after)
+            if len(reads) == 1:
+                page = [posts[i] for i in range(1001, 1502) if i != late]
+                return page, 1099
+            session.on_post(Delivery(late, author, post_frame(posts[late].to_json()), None))
+            return [p for i, p in posts.items() if i > after][:limit], 1600
+
+    async def scenario() -> list[bytes]:
+        socket = WrittenAtOnce()
+        nonlocal session
+        session = FeedSession(
+            99,
+            socket,
+            db=Database(),
+            fanout=BoundAtOnce(),
+            metrics=Metrics(),
+            settings=Settings(),
+            on_closed=lambda _: None,
+        )
+        session.start(since=1000)
+        await asyncio.wait_for(session._sync_task, 5)
+        return socket.frames
+
+    session: FeedSession | None = None
+    frames = asyncio.run(scenario())
+    sent = [
+        json.loads(frame).get("post", {}).get("id") or json.loads(frame).get("id")
+        for frame in frames
+    ]
+    assert reads[:2] == [1000, 1099]
+    assert sorted(i for i in sent if i) == list(range(1001, 1601))  # each once, 1100 too

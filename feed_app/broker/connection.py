@@ -256,12 +256,21 @@ class Broker:
             await self._closed.wait()
         self.state = State.CLOSED
 
-    def reconnect(self, reason: str) -> None:
+    @property
+    def connection(self) -> AsyncioConnection | None:
+        """The connection of now: a listener that sets up on it names it to open_channel and
+        reconnect, so that a set-up begun on a connection since lost touches only that one."""
+        return self._connection
+
+    def reconnect(self, reason: str, connection: AsyncioConnection | None = None) -> None:
         """Drop a connection that cannot be used as it is (a listener failed to set up on it):
-        the usual path then reconnects, and every listener sets up again from scratch."""
-        if self._connection is not None and self._connection.is_open:
+        the usual path then reconnects, and every listener sets up again from scratch. Only the
+        current connection is dropped, and only if it is the one named."""
+        connection = connection or self._connection
+        if connection is self._connection and connection is not None and connection.is_open:
             log.warning("%s: reconnecting", reason)
-            self._connection.close(320, reason)
+            # The reason goes to the broker as an AMQP short string: 255 bytes at most.
+            connection.close(320, reason.encode()[:255].decode(errors="ignore"))
 
     def _connect(self) -> None:
         url = self._nodes.next()
@@ -312,8 +321,9 @@ class Broker:
         self._schedule_reconnect()
 
     def _on_channel_closed(self, channel: pika.channel.Channel, reason: Exception) -> None:
-        if self.state is State.OPEN and self._connection and self._connection.is_open:
-            self.reconnect(f"channel {channel.channel_number} closed ({reason})")
+        if self.state is State.OPEN:
+            reason_text = f"channel {channel.channel_number} closed ({reason})"
+            self.reconnect(reason_text, channel.connection)
 
     async def _open_publishing(self, connection: AsyncioConnection) -> None:
         try:
@@ -326,7 +336,7 @@ class Broker:
         except (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError) as exc:
             # A connection that died is reconnected by _on_connection_closed; one that is still
             # up but could not set up its channels is closed, so that path reconnects it too.
-            self.reconnect(f"cannot open channels ({exc})")
+            self.reconnect(f"cannot open channels ({exc})", connection)
             return
         if connection is not self._connection or not connection.is_open:
             return
@@ -348,6 +358,12 @@ class Broker:
         if connection is None or not connection.is_open:
             raise BrokerUnavailable("not connected to RabbitMQ")
         future = asyncio.get_running_loop().create_future()
+
+        def lost(_connection: AsyncioConnection, reason: Exception) -> None:
+            if not future.done():  # pika never answers a channel open on a lost connection
+                future.set_exception(BrokerUnavailable(f"connection lost: {reason}"))
+
+        connection.add_on_close_callback(lost)
         connection.channel(on_open_callback=future.set_result)
         channel = Channel(await asyncio.wait_for(future, 10))
         channel.pika.add_on_close_callback(self._on_channel_closed)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from pika.adapters.asyncio_connection import AsyncioConnection
+
 from feed_app.broker.connection import Broker
 
 
@@ -23,8 +25,14 @@ class BrokerFanout:
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     def on_broker_open(self) -> None:
-        self._setting_up = asyncio.ensure_future(self._set_up())
+        connection = self.broker.connection
+        assert connection is not None
+        self._setting_up = asyncio.ensure_future(self._set_up(connection))
 
-    async def _set_up(self) -> None:
-        """Set up on the new connection, then set _ready and tell the subscribers."""
+    async def _set_up(self, connection: AsyncioConnection) -> None:
+        """Set up on this connection, then set _ready and tell the subscribers; nothing, if
+        the connection was lost meanwhile (see still_current)."""
         raise NotImplementedError
+
+    def still_current(self, connection: AsyncioConnection) -> bool:
+        return connection is self.broker.connection and connection.is_open

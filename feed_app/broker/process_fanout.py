@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
@@ -47,7 +48,7 @@ _AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPE
 class ProcessFanout(BrokerFanout):
     def __init__(self, broker: Broker) -> None:
         super().__init__(broker)
-        self.queue = f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        self.queue = ""  # named anew on every connection (see _set_up)
         self._subscribers: dict[str, set[Subscriber]] = {}  # routing key -> local subscribers
         self._keys: dict[Subscriber, set[str]] = {}  # subscriber -> its routing keys
         self._bound: dict[str, asyncio.Future] = {}  # routing key -> done once bound
@@ -79,10 +80,14 @@ class ProcessFanout(BrokerFanout):
 
     # --- the broker's connection ---------------------------------------------------------------
 
-    async def _set_up(self) -> None:
+    async def _set_up(self, connection: AsyncioConnection) -> None:
+        # A new name each time: after a connection is lost on this side only, the broker keeps
+        # the old exclusive queue until it notices (a heartbeat or two), and declaring that name
+        # again would fail with RESOURCE_LOCKED.
+        self.queue = f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            channel = await self.broker.open_channel(prefetch=PREFETCH)
-            setup = await self.broker.open_channel()
+            channel = await self.broker.open_channel(connection, prefetch=PREFETCH)
+            setup = await self.broker.open_channel(connection)
             arguments = self.broker.bounded_queue_arguments(QUEUE_MAX, QUEUE_EXPIRES_MS)
             await setup.call(
                 setup.pika.queue_declare,
@@ -96,7 +101,9 @@ class ProcessFanout(BrokerFanout):
             await self._bind_all(list(self._subscribers))
             await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         except _AMQP_FAILURES as exc:
-            self.broker.reconnect(f"cannot set up the process queue ({exc})")
+            self.broker.reconnect(f"cannot set up the process queue ({exc})", connection)
+            return
+        if not self.still_current(connection):
             return
         self._ready.set()
         log.info("process queue %s bound to %d routing keys", self.queue, len(self._bound))
@@ -216,7 +223,9 @@ class ProcessFanout(BrokerFanout):
             if not future.done():
                 waiting.append(future)
         if waiting:
-            await asyncio.gather(*waiting)
+            # Shielded: these futures are shared by every session waiting for the same keys (and
+            # by _set_up); one waiter cancelled (its socket closed) must not cancel them.
+            await asyncio.gather(*(asyncio.shield(future) for future in waiting))
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -226,20 +235,21 @@ class ProcessFanout(BrokerFanout):
             return
         for key in keys:
             setup.pika.queue_bind(self.queue, wire.EXCHANGE, key)  # no-wait: one burst
-        barrier = asyncio.ensure_future(self._confirm_bound(setup, keys))
+        futures = [self._bound[key] for key in keys]
+        barrier = asyncio.ensure_future(self._confirm_bound(setup, futures))
         self._barriers.add(barrier)
         barrier.add_done_callback(self._barriers.discard)
 
-    async def _confirm_bound(self, setup: Channel, keys: list[str]) -> None:
+    async def _confirm_bound(self, setup: Channel, futures: list[asyncio.Future]) -> None:
         """A synchronous method after no-wait binds: the broker answers a channel's commands in
-        order, so when it returns, every bind sent before it is in place."""
+        order, so when it returns, every bind sent before it is in place. It resolves the futures
+        of its own flush only: a key unbound and bound again since has a future of its own."""
         try:
             await setup.call(setup.pika.queue_declare, self.queue, passive=True)
         except _AMQP_FAILURES:
             return  # the channel died: on_broker_lost fails every waiting binding
-        for key in keys:
-            future = self._bound.get(key)
-            if future is not None and not future.done():
+        for future in futures:
+            if not future.done():
                 future.set_result(None)
 
     def _unbind_idle(self) -> None:
@@ -248,7 +258,7 @@ class ProcessFanout(BrokerFanout):
         due = loop.time() - UNBIND_AFTER
         setup = self._setup
         for key, since in list(self._idle.items()):
-            if since <= due:
+            if since <= due and self._bound[key].done():  # never while its bind is in flight
                 del self._idle[key]
                 self._bound.pop(key, None)
                 if setup is not None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
@@ -36,14 +37,26 @@ class SessionQueue:
 
     def __init__(self, subscriber: Subscriber) -> None:
         self.subscriber: Subscriber | None = subscriber
-        self.name = f"{subscriber.user_id}.{secrets.token_hex(8)}"
+        self.name = self._new_name()
         self.channel: Channel | None = None  # consumes the queue
         self.setup: Channel | None = None  # declares, binds, deletes it
         self.authors: set[int] = set()  # bound on the current connection
+        self.consume_sent = False  # basic.consume is on its way on `channel`, or done
+        self.consuming = False  # ... and the broker has answered it
+
+    def _new_name(self) -> str:
+        assert self.subscriber is not None
+        return f"{self.subscriber.user_id}.{secrets.token_hex(8)}"
 
     def lost(self) -> None:
+        """The exclusive queue died with the connection. The next one gets a new name: after a
+        connection lost on this side only, the broker keeps the old queue until it notices (a
+        heartbeat or two), and declaring that name again would fail with RESOURCE_LOCKED."""
         self.channel = self.setup = None
         self.authors = set()
+        self.consume_sent = self.consuming = False
+        if self.subscriber is not None:
+            self.name = self._new_name()
 
     def on_message(self, pika_channel: Any, method: Any, properties: Any, body: bytes) -> None:
         channel = self.channel
@@ -104,15 +117,17 @@ class SessionFanout(BrokerFanout):
 
     # --- the broker's connection ---------------------------------------------------------------
 
-    async def _set_up(self) -> None:
+    async def _set_up(self, connection: AsyncioConnection) -> None:
         try:
             consume = [
-                await self.broker.open_channel(prefetch=self.prefetch)
+                await self.broker.open_channel(connection, prefetch=self.prefetch)
                 for _ in range(CONSUME_CHANNELS)
             ]
-            setup = [await self.broker.open_channel() for _ in range(SETUP_CHANNELS)]
+            setup = [await self.broker.open_channel(connection) for _ in range(SETUP_CHANNELS)]
         except _AMQP_FAILURES as exc:
-            self.broker.reconnect(f"cannot open session channels ({exc})")
+            self.broker.reconnect(f"cannot open session channels ({exc})", connection)
+            return
+        if not self.still_current(connection):
             return
         self._consume, self._setup = consume, setup
         self._ready.set()
@@ -123,7 +138,8 @@ class SessionFanout(BrokerFanout):
         self._consume, self._setup = [], []
         self._ready.clear()
         for queue in self._queues.values():
-            queue.lost()  # the exclusive queue died with the connection
+            self.broker.watch_overflow(queue.name, None)
+            queue.lost()
         for subscriber in list(self._queues):
             subscriber.on_fanout_lost()
 
@@ -159,9 +175,11 @@ class SessionFanout(BrokerFanout):
         assert queue.subscriber is not None
         # No-wait, like the authors' binds: the barrier after those covers this one too.
         setup.pika.queue_bind(queue.name, wire.EXCHANGE, wire.control_key(queue.subscriber.user_id))
+        queue.consume_sent = True
         await channel.call(channel.pika.basic_consume, queue.name, queue.on_message)
         if queue.channel is not channel or not channel.is_open:
             raise BrokerUnavailable("connection lost while declaring")
+        queue.consuming = True
 
     async def _bind(self, queue: SessionQueue, authors: set[int]) -> None:
         setup = queue.setup
@@ -206,9 +224,11 @@ class SessionFanout(BrokerFanout):
             return
         queue.subscriber = None  # deliveries already on their way are acked, not delivered
         self.broker.watch_overflow(queue.name, None)
-        setup = queue.setup
-        if setup is not None and setup.is_open:
-            # Deleting the queue also cancels its consumer, and doing it on the setup channel
-            # keeps the slow part (dropping every binding) off the channel that carries others'
-            # acks. Were the connection gone, the exclusive queue would have gone with it.
-            setup.pika.queue_delete(queue.name)
+        # Deleting the queue also cancels its consumer, and doing it on the setup channel keeps
+        # the slow part (dropping every binding) off the channel that carries others' acks. While
+        # basic.consume awaits its answer, though, a delete on another channel could overtake it
+        # (and the consume's NOT_FOUND would close the channel): then it goes after it, on the
+        # consume channel. Were the connection gone, the exclusive queue would have gone with it.
+        channel = queue.channel if queue.consume_sent and not queue.consuming else queue.setup
+        if channel is not None and channel.is_open:
+            channel.pika.queue_delete(queue.name)

@@ -1,0 +1,67 @@
+"""The fan-outs on their own, with stand-in subscribers, against the real broker."""
+
+import asyncio
+import secrets
+
+import pytest
+
+from feed_app.broker import BrokerUnavailable, ProcessFanout
+
+
+class QuietSubscriber:
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+
+    def on_post(self, delivery):
+        return None
+
+    def on_follow_change(self, author_id) -> None:
+        pass
+
+    def on_fanout_lost(self) -> None:
+        pass
+
+    def on_fanout_ready(self) -> None:
+        pass
+
+    def on_overflow(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fanout_mode", ["process"], indirect=True)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_session_cancelled_while_the_process_queue_is_set_up_does_not_cancel_it(service):
+    """After a reconnect the process queue binds every key its sessions follow, and sessions
+    may attach meanwhile, waiting on the same bindings. One of them closing (its wait is
+    cancelled) must not cancel the set-up: the process would deliver nothing until the next
+    reconnect. A second process fan-out on the live connection plays the reconnect."""
+    fanout = ProcessFanout(service.broker)
+    author = 10**13 + secrets.randbelow(10**12)
+    with pytest.raises(BrokerUnavailable):
+        await fanout.attach(QuietSubscriber(author + 1), [author])  # known; set up later
+    barrier = asyncio.Event()  # holds the bind barrier, as a busy setup channel would
+    confirm_bound = fanout._confirm_bound
+
+    async def confirm_bound_later(setup, futures):
+        await barrier.wait()
+        await confirm_bound(setup, futures)
+
+    fanout._confirm_bound = confirm_bound_later
+    setting_up = asyncio.ensure_future(fanout._set_up(service.broker.connection))
+    await wait_until(lambda: fanout.bindings > 0)
+    newcomer = asyncio.ensure_future(fanout.attach(QuietSubscriber(author + 2), [author]))
+    await asyncio.sleep(0.05)
+    newcomer.cancel()  # its socket closed while it waited
+    barrier.set()
+    await asyncio.wait_for(setting_up, 5)
+    try:
+        assert fanout.is_ready
+    finally:
+        fanout.on_broker_lost()
+
+
+async def wait_until(condition, timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not in time"
+        await asyncio.sleep(0.01)
