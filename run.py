@@ -159,7 +159,7 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-async def serve(settings: Settings, sockets: list | None) -> None:
+async def serve(settings: Settings, sockets: list | None, parent: int | None = None) -> None:
     from feed_app.app import Service  # after metrics_directory()
 
     service = await Service.create(settings)
@@ -169,6 +169,8 @@ async def serve(settings: Settings, sockets: list | None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if parent is not None:
+        watch_parent(parent, stopping)
     log.info("pid %d serving http://%s:%d/", os.getpid(), settings.host, settings.port)
     await stopping.wait()
     log.info("shutting down (deadline %.0f s)", settings.shutdown_timeout)
@@ -204,11 +206,26 @@ def run_workers(settings: Settings) -> int:
     return status
 
 
+def watch_parent(parent: int, stopping: asyncio.Event) -> None:
+    """A worker whose parent died (SIGKILL forwards nothing) stops as if told to: otherwise it
+    would hold the port, its sockets and its queues with nobody left to stop it."""
+
+    def check() -> None:
+        if os.getppid() != parent:
+            log.warning("the parent process %d is gone: stopping", parent)
+            stopping.set()
+        else:
+            loop.call_later(1, check)
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(1, check)
+
+
 def run_worker(settings: Settings, sockets: list) -> NoReturn:
     """A forked worker's whole life: it never returns into main(), whose clean-up (the metrics
     directory) belongs to the parent."""
     try:
-        asyncio.run(serve(settings, sockets))
+        asyncio.run(serve(settings, sockets, parent=os.getppid()))
     except BaseException:
         log.exception("worker failed")
         os._exit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import statistics
@@ -595,3 +596,29 @@ async def test_a_follow_made_through_an_instance_without_a_broker_reaches_the_op
     await feed.wait_message("following", timeout=10)
     post = await api.post(author, "live after the follow")
     await until(feed, lambda: post["id"] in ids_of(feed.posts), 5, "the followed author's post")
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_workers_stop_when_their_parent_is_killed(processes):
+    """SIGKILL reaches only the parent of `--workers 2`, which then forwards nothing: its
+    workers must stop by themselves rather than hold the port, their sockets and queues."""
+    service = processes(args=("--workers", "2"))
+    await service.start()
+    workers = children_of(service.process.pid)
+    assert len(workers) == 2, workers
+    os.kill(service.process.pid, signal.SIGKILL)
+    await wait_for(lambda: not any(running(pid) for pid in workers), 15, "the workers stopping")
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
