@@ -51,8 +51,9 @@ class Hub:
         self.connections: dict[int, set[PushSocket]] = defaultdict(set)
 
     def set_graph(self, following: dict[int, list[int]]) -> None:
+        """Who gets an author's posts: its followers and the author (as the service does)."""
         self.following = following
-        self.followers = defaultdict(list)
+        self.followers = defaultdict(list, {user: [user] for user in following})
         for user, authors in following.items():
             for author in authors:
                 self.followers[author].append(user)

@@ -50,11 +50,12 @@ class Population:
         return counts
 
     def sessions_by_author(self) -> list[list[int]]:
-        """author index -> indexes of the sessions whose user follows it (the fan-out of a post)."""
+        """author index -> indexes of the sessions a post of it reaches (the fan-out of a post):
+        those whose user follows it, and the author's own."""
         sessions_of_user: list[list[int]] = [[] for _ in range(self.user_count)]
         for session, user in enumerate(self.session_users):
             sessions_of_user[user].append(session)
-        fan_out: list[list[int]] = [[] for _ in range(self.user_count)]
+        fan_out: list[list[int]] = [list(sessions) for sessions in sessions_of_user]
         for user, authors in enumerate(self.follows):
             for author in authors:
                 fan_out[author].extend(sessions_of_user[user])
