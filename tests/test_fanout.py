@@ -5,7 +5,8 @@ import secrets
 
 import pytest
 
-from feed_app.broker import BrokerUnavailable, ProcessFanout
+from feed_app.broker import BrokerUnavailable, ProcessFanout, process_fanout
+from feed_app.wire import post_frame
 
 
 class QuietSubscriber:
@@ -65,3 +66,44 @@ async def wait_until(condition, timeout: float = 5) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "not in time"
         await asyncio.sleep(0.01)
+
+
+class RecordingSubscriber(QuietSubscriber):
+    def __init__(self, user_id: int) -> None:
+        super().__init__(user_id)
+        self.posts: list[int] = []
+
+    def on_post(self, delivery):
+        self.posts.append(delivery.post_id)
+        return None
+
+
+@pytest.mark.parametrize("fanout_mode", ["process"], indirect=True)
+@pytest.mark.gen_test(timeout=30)
+async def test_idle_authors_are_unbound_one_by_one_and_one_followed_again_stays_bound(
+    service, monkeypatch
+):
+    """Authors left without a local follower are unbound after UNBIND_AFTER, one unbind at a
+    time. A follower arriving while that goes on gets its authors bound, whether their unbind
+    had been sent already or not."""
+    monkeypatch.setattr(process_fanout, "UNBIND_AFTER", 0.1)
+    fanout = ProcessFanout(service.broker)
+    await fanout._set_up(service.broker.connection)
+    try:
+        base = 10**13 + secrets.randbelow(10**12)
+        authors = [base + n for n in range(300)]
+        leaving = QuietSubscriber(base - 1)
+        await fanout.attach(leaving, authors)
+        fanout.detach(leaving)
+        await wait_until(lambda: fanout._unbinding)  # the trickle has begun
+        coming = RecordingSubscriber(base - 2)
+        again = [authors[0], authors[-1]]  # one unbound already, one not yet
+        await fanout.attach(coming, again)
+        await wait_until(lambda: fanout.bindings == 3 and not fanout._unbinding, timeout=20)
+        for post_id, author in enumerate(again, start=base):
+            frame = post_frame({"id": post_id})
+            await service.broker.publish_post(author, post_id, frame, created_ms=0)
+        await wait_until(lambda: len(coming.posts) == 2)
+        assert coming.posts == [base, base + 1]
+    finally:
+        fanout.on_broker_lost()

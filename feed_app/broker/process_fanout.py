@@ -20,7 +20,9 @@ it missed from PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import os
 import secrets
 import socket
@@ -54,6 +56,8 @@ class ProcessFanout(BrokerFanout):
         self._bound: dict[str, asyncio.Future] = {}  # routing key -> done once bound
         self._to_bind: list[str] = []  # sent with the next flush
         self._idle: dict[str, float] = {}  # bound routing key -> when its last subscriber left
+        self._due: collections.deque[str] = collections.deque()  # idle long enough: to unbind
+        self._unbinding = False  # an unbind is out, and its reply will send the next
         self._channel: Channel | None = None
         self._setup: Channel | None = None
         self._flush_scheduled = False
@@ -119,6 +123,8 @@ class ProcessFanout(BrokerFanout):
 
     def _fail_bindings(self, error: Exception) -> None:
         bound, self._bound, self._to_bind, self._idle = self._bound, {}, [], {}
+        self._due.clear()
+        self._unbinding = False
         for future in bound.values():
             if not future.done():
                 future.set_exception(error)
@@ -253,18 +259,33 @@ class ProcessFanout(BrokerFanout):
                 future.set_result(None)
 
     def _unbind_idle(self) -> None:
+        """Unbind the keys idle for UNBIND_AFTER, one at a time (see _unbind_next)."""
         loop = asyncio.get_running_loop()
         self._unbind_timer = None
         due = loop.time() - UNBIND_AFTER
-        setup = self._setup
-        for key, since in list(self._idle.items()):
-            if since <= due and self._bound[key].done():  # never while its bind is in flight
-                del self._idle[key]
-                self._bound.pop(key, None)
-                if setup is not None:
-                    # Unbind has no no-wait form: pika sends it and holds later commands on the
-                    # channel until its reply, so a bind of the same key afterwards still lands
-                    # after it.
-                    setup.pika.queue_unbind(self.queue, wire.EXCHANGE, key)
-        if self._idle:
+        for key, since in self._idle.items():
+            if since <= due:
+                self._due.append(key)
+                self._idle[key] = math.inf  # queued: not again
+        if not self._unbinding:
+            self._unbind_next()
+        if any(since != math.inf for since in self._idle.values()):
             self._unbind_timer = loop.call_later(UNBIND_AFTER / 2, self._unbind_idle)
+
+    def _unbind_next(self, _reply: Any = None) -> None:
+        """Unbind has no no-wait form: pika sends one and holds every later command of the
+        channel until its reply. Thousands sent at once (a socket following 5,000 authors left
+        ten seconds ago) would hold new sessions' binds for seconds, so they go one at a time,
+        each after the last one's reply, and a bind waits behind one unbind at most. A key
+        followed again before its turn stays bound; one followed again after its unbind was sent
+        is bound again behind it, on the same channel, so the broker applies both in order."""
+        setup = self._setup
+        self._unbinding = False
+        while self._due and setup is not None:
+            key = self._due.popleft()
+            if key in self._idle and self._bound[key].done():  # never while its bind is out
+                del self._idle[key]
+                del self._bound[key]
+                self._unbinding = True
+                setup.pika.queue_unbind(self.queue, wire.EXCHANGE, key, callback=self._unbind_next)
+                return
