@@ -206,7 +206,8 @@ async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Await a pika method that takes `callback=` (the same idea as feed_app.broker.Channel)."""
     future = asyncio.get_running_loop().create_future()
     method(*args, callback=lambda reply: future.done() or future.set_result(reply), **kwargs)
-    return await asyncio.wait_for(future, 10)
+    # Generous: a broker still dropping thousands of bindings of a run just before answers late.
+    return await asyncio.wait_for(future, 60)
 
 
 async def open_channel(connection: AsyncioConnection) -> Any:

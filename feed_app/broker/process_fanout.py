@@ -57,9 +57,10 @@ class ProcessFanout(BrokerFanout):
         self._to_bind: list[str] = []  # sent with the next flush
         self._idle: dict[str, float] = {}  # bound routing key -> when its last subscriber left
         self._due: collections.deque[str] = collections.deque()  # idle long enough: to unbind
-        self._unbinding = False  # an unbind is out, and its reply will send the next
         self._channel: Channel | None = None
         self._setup: Channel | None = None
+        self._unbinder: Channel | None = None  # unbinds, one at a time (see _unbind_next)
+        self._unbinding_key: str | None = None  # whose unbind is out
         self._flush_scheduled = False
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
@@ -77,7 +78,7 @@ class ProcessFanout(BrokerFanout):
 
     @property
     def channels(self) -> int:
-        return sum(channel is not None for channel in (self._channel, self._setup))
+        return sum(c is not None for c in (self._channel, self._setup, self._unbinder))
 
     def queue_of(self, subscriber: Subscriber) -> str | None:
         return self.queue if subscriber in self._keys else None
@@ -92,6 +93,7 @@ class ProcessFanout(BrokerFanout):
         try:
             channel = await self.broker.open_channel(connection, prefetch=PREFETCH)
             setup = await self.broker.open_channel(connection)
+            unbinder = await self.broker.open_channel(connection)
             arguments = self.broker.bounded_queue_arguments(QUEUE_MAX, QUEUE_EXPIRES_MS)
             await setup.call(
                 setup.pika.queue_declare,
@@ -101,7 +103,7 @@ class ProcessFanout(BrokerFanout):
                 arguments=arguments,
             )
             self.broker.watch_overflow(self.queue, self._on_queue_overflow)
-            self._channel, self._setup = channel, setup
+            self._channel, self._setup, self._unbinder = channel, setup, unbinder
             await self._bind_all(list(self._subscribers))
             await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         except _AMQP_FAILURES as exc:
@@ -116,7 +118,7 @@ class ProcessFanout(BrokerFanout):
 
     def on_broker_lost(self) -> None:
         self._ready.clear()
-        self._channel = self._setup = None
+        self._channel = self._setup = self._unbinder = None
         self._fail_bindings(BrokerUnavailable("connection lost"))
         for subscriber in list(self._keys):
             subscriber.on_fanout_lost()
@@ -124,7 +126,7 @@ class ProcessFanout(BrokerFanout):
     def _fail_bindings(self, error: Exception) -> None:
         bound, self._bound, self._to_bind, self._idle = self._bound, {}, [], {}
         self._due.clear()
-        self._unbinding = False
+        self._unbinding_key = None
         for future in bound.values():
             if not future.done():
                 future.set_exception(error)
@@ -223,9 +225,7 @@ class ProcessFanout(BrokerFanout):
             if future is None:
                 future = self._bound[key] = asyncio.get_running_loop().create_future()
                 self._to_bind.append(key)
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._flush)
+                self._schedule_flush()
             if not future.done():
                 waiting.append(future)
         if waiting:
@@ -233,9 +233,18 @@ class ProcessFanout(BrokerFanout):
             # by _set_up); one waiter cancelled (its socket closed) must not cancel them.
             await asyncio.gather(*(asyncio.shield(future) for future in waiting))
 
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         keys, self._to_bind = self._to_bind, []
+        if self._unbinding_key in keys:
+            # Its unbind is out on the other channel: bound now, it could be unbound after.
+            keys.remove(self._unbinding_key)
+            self._to_bind.append(self._unbinding_key)  # _unbind_next flushes it after the reply
         setup = self._setup
         if setup is None or not keys:
             return
@@ -267,25 +276,28 @@ class ProcessFanout(BrokerFanout):
             if since <= due:
                 self._due.append(key)
                 self._idle[key] = math.inf  # queued: not again
-        if not self._unbinding:
+        if self._unbinding_key is None:
             self._unbind_next()
         if any(since != math.inf for since in self._idle.values()):
             self._unbind_timer = loop.call_later(UNBIND_AFTER / 2, self._unbind_idle)
 
     def _unbind_next(self, _reply: Any = None) -> None:
         """Unbind has no no-wait form: pika sends one and holds every later command of the
-        channel until its reply. Thousands sent at once (a socket following 5,000 authors left
-        ten seconds ago) would hold new sessions' binds for seconds, so they go one at a time,
-        each after the last one's reply, and a bind waits behind one unbind at most. A key
-        followed again before its turn stays bound; one followed again after its unbind was sent
-        is bound again behind it, on the same channel, so the broker applies both in order."""
-        setup = self._setup
-        self._unbinding = False
-        while self._due and setup is not None:
+        channel until its reply. On the setup channel thousands of them (a socket following
+        5,000 authors closed ten seconds ago) would hold new sessions' binds for seconds, so
+        they have a channel of their own, one out at a time. A key followed again before its
+        turn just stays bound; one whose unbind is out waits for the reply to be bound again."""
+        if self._unbinding_key is not None and self._unbinding_key in self._to_bind:
+            self._schedule_flush()  # the key followed again while its unbind was out
+        self._unbinding_key = None
+        unbinder = self._unbinder
+        while self._due and unbinder is not None:
             key = self._due.popleft()
             if key in self._idle and self._bound[key].done():  # never while its bind is out
                 del self._idle[key]
                 del self._bound[key]
-                self._unbinding = True
-                setup.pika.queue_unbind(self.queue, wire.EXCHANGE, key, callback=self._unbind_next)
+                self._unbinding_key = key
+                unbinder.pika.queue_unbind(
+                    self.queue, wire.EXCHANGE, key, callback=self._unbind_next
+                )
                 return
