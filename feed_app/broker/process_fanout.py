@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ QUEUE_MAX = 100_000  # messages waiting for this process before the oldest are d
 QUEUE_EXPIRES_MS = 60_000
 PREFETCH = 1000  # acks go once per loop turn; this only bounds what is in flight between them
 UNBIND_AFTER = 10.0  # seconds an author stays bound without a local follower
+UNBIND_CHANNELS = 4  # unbinds out at once
 _AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
 
 
@@ -59,8 +61,8 @@ class ProcessFanout(BrokerFanout):
         self._due: collections.deque[str] = collections.deque()  # idle long enough: to unbind
         self._channel: Channel | None = None
         self._setup: Channel | None = None
-        self._unbinder: Channel | None = None  # unbinds, one at a time (see _unbind_next)
-        self._unbinding_key: str | None = None  # whose unbind is out
+        self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
+        self._unbinding: set[str] = set()  # keys whose unbind is out
         self._flush_scheduled = False
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
@@ -78,7 +80,8 @@ class ProcessFanout(BrokerFanout):
 
     @property
     def channels(self) -> int:
-        return sum(c is not None for c in (self._channel, self._setup, self._unbinder))
+        in_use = sum(channel is not None for channel in (self._channel, self._setup))
+        return in_use + (UNBIND_CHANNELS if in_use else 0)
 
     def queue_of(self, subscriber: Subscriber) -> str | None:
         return self.queue if subscriber in self._keys else None
@@ -93,7 +96,7 @@ class ProcessFanout(BrokerFanout):
         try:
             channel = await self.broker.open_channel(connection, prefetch=PREFETCH)
             setup = await self.broker.open_channel(connection)
-            unbinder = await self.broker.open_channel(connection)
+            unbinders = [await self.broker.open_channel(connection) for _ in range(UNBIND_CHANNELS)]
             arguments = self.broker.bounded_queue_arguments(QUEUE_MAX, QUEUE_EXPIRES_MS)
             await setup.call(
                 setup.pika.queue_declare,
@@ -103,7 +106,7 @@ class ProcessFanout(BrokerFanout):
                 arguments=arguments,
             )
             self.broker.watch_overflow(self.queue, self._on_queue_overflow)
-            self._channel, self._setup, self._unbinder = channel, setup, unbinder
+            self._channel, self._setup, self._free_unbinders = channel, setup, unbinders
             await self._bind_all(list(self._subscribers))
             await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         except _AMQP_FAILURES as exc:
@@ -118,7 +121,8 @@ class ProcessFanout(BrokerFanout):
 
     def on_broker_lost(self) -> None:
         self._ready.clear()
-        self._channel = self._setup = self._unbinder = None
+        self._channel = self._setup = None
+        self._free_unbinders = []
         self._fail_bindings(BrokerUnavailable("connection lost"))
         for subscriber in list(self._keys):
             subscriber.on_fanout_lost()
@@ -126,7 +130,7 @@ class ProcessFanout(BrokerFanout):
     def _fail_bindings(self, error: Exception) -> None:
         bound, self._bound, self._to_bind, self._idle = self._bound, {}, [], {}
         self._due.clear()
-        self._unbinding_key = None
+        self._unbinding = set()
         for future in bound.values():
             if not future.done():
                 future.set_exception(error)
@@ -241,10 +245,12 @@ class ProcessFanout(BrokerFanout):
     def _flush(self) -> None:
         self._flush_scheduled = False
         keys, self._to_bind = self._to_bind, []
-        if self._unbinding_key in keys:
-            # Its unbind is out on the other channel: bound now, it could be unbound after.
-            keys.remove(self._unbinding_key)
-            self._to_bind.append(self._unbinding_key)  # _unbind_next flushes it after the reply
+        if self._unbinding:
+            # A key whose unbind is out on another channel, bound now, could be unbound after:
+            # it waits for the reply (_on_unbound flushes it then).
+            waiting = [key for key in keys if key in self._unbinding]
+            keys = [key for key in keys if key not in self._unbinding]
+            self._to_bind.extend(waiting)
         setup = self._setup
         if setup is None or not keys:
             return
@@ -268,7 +274,7 @@ class ProcessFanout(BrokerFanout):
                 future.set_result(None)
 
     def _unbind_idle(self) -> None:
-        """Unbind the keys idle for UNBIND_AFTER, one at a time (see _unbind_next)."""
+        """Unbind the keys idle for UNBIND_AFTER (see _unbind_next)."""
         loop = asyncio.get_running_loop()
         self._unbind_timer = None
         due = loop.time() - UNBIND_AFTER
@@ -276,28 +282,31 @@ class ProcessFanout(BrokerFanout):
             if since <= due:
                 self._due.append(key)
                 self._idle[key] = math.inf  # queued: not again
-        if self._unbinding_key is None:
-            self._unbind_next()
+        while self._free_unbinders and self._due:
+            self._unbind_next(self._free_unbinders.pop())
         if any(since != math.inf for since in self._idle.values()):
             self._unbind_timer = loop.call_later(UNBIND_AFTER / 2, self._unbind_idle)
 
-    def _unbind_next(self, _reply: Any = None) -> None:
+    def _unbind_next(self, unbinder: Channel) -> None:
         """Unbind has no no-wait form: pika sends one and holds every later command of the
         channel until its reply. On the setup channel thousands of them (a socket following
         5,000 authors closed ten seconds ago) would hold new sessions' binds for seconds, so
-        they have a channel of their own, one out at a time. A key followed again before its
-        turn just stays bound; one whose unbind is out waits for the reply to be bound again."""
-        if self._unbinding_key is not None and self._unbinding_key in self._to_bind:
-            self._schedule_flush()  # the key followed again while its unbind was out
-        self._unbinding_key = None
-        unbinder = self._unbinder
-        while self._due and unbinder is not None:
+        they go on channels of their own, one out on each at a time. A key followed again
+        before its turn just stays bound; one whose unbind is out waits for the reply."""
+        while self._due:
             key = self._due.popleft()
             if key in self._idle and self._bound[key].done():  # never while its bind is out
                 del self._idle[key]
                 del self._bound[key]
-                self._unbinding_key = key
-                unbinder.pika.queue_unbind(
-                    self.queue, wire.EXCHANGE, key, callback=self._unbind_next
-                )
+                self._unbinding.add(key)
+                done = functools.partial(self._on_unbound, unbinder, key)
+                unbinder.pika.queue_unbind(self.queue, wire.EXCHANGE, key, callback=done)
                 return
+        self._free_unbinders.append(unbinder)
+
+    def _on_unbound(self, unbinder: Channel, key: str, _reply: Any) -> None:
+        self._unbinding.discard(key)
+        if key in self._to_bind:
+            self._schedule_flush()  # followed again while its unbind was out
+        if unbinder.is_open and self._setup is not None:
+            self._unbind_next(unbinder)
