@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -210,10 +211,19 @@ class Database:
             self._sampling.cancel()
         self.pool.close()
         try:
-            await asyncio.wait_for(self.pool.wait_closed(), timeout)
+            await asyncio.wait_for(self._all_released(), timeout)
         except asyncio.TimeoutError:
             log.warning("database connections still busy after %.1f s: dropping them", timeout)
             self.pool.terminate()
+        with contextlib.suppress(asyncio.TimeoutError):  # a connect still under way
+            await asyncio.wait_for(self.pool.wait_closed(), 1)
+
+    async def _all_released(self) -> None:
+        """Poll rather than wait in pool.wait_closed(): aiopg's release() of a connection that a
+        cancelled query closed does not wake that wait, which then lasts until the timeout (a
+        session closed during shutdown while it was reading did exactly that)."""
+        while self.pool.size > self.pool.freesize:
+            await asyncio.sleep(0.02)
 
     async def _run(self, sql: str, params: Any = None, *, retry: bool = True) -> list[tuple]:
         """One statement. A read (retry=True) that fails on a broken connection is retried once on

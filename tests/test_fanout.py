@@ -107,3 +107,25 @@ async def test_idle_authors_are_unbound_one_by_one_and_one_followed_again_stays_
         assert coming.posts == [base, base + 1]
     finally:
         fanout.on_broker_lost()
+
+
+@pytest.mark.parametrize("fanout_mode", ["process"], indirect=True)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_unbind_due_after_the_broker_stopped_is_let_go(service, monkeypatch):
+    """broker.stop() closes the unbind channels without telling the fan-out (a shutdown is not
+    a loss to recover from); the unbind timer that fires after it must not use them."""
+    monkeypatch.setattr(process_fanout, "UNBIND_AFTER", 0.1)
+    fanout = ProcessFanout(service.broker)
+    await fanout._set_up(service.broker.connection)
+    leaving = QuietSubscriber(10**13 + secrets.randbelow(10**12))
+    await fanout.attach(leaving, [leaving.user_id + 1])
+    fanout.detach(leaving)
+    await service.broker.stop()
+    loop = asyncio.get_running_loop()
+    errors = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        await wait_until(lambda: fanout._unbind_timer is None)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []

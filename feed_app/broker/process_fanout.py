@@ -283,7 +283,9 @@ class ProcessFanout(BrokerFanout):
                 self._due.append(key)
                 self._idle[key] = math.inf  # queued: not again
         while self._free_unbinders and self._due:
-            self._unbind_next(self._free_unbinders.pop())
+            unbinder = self._free_unbinders.pop()
+            if unbinder.is_open:  # not after broker.stop(), which tells no listener
+                self._unbind_next(unbinder)
         if any(since != math.inf for since in self._idle.values()):
             self._unbind_timer = loop.call_later(UNBIND_AFTER / 2, self._unbind_idle)
 

@@ -1,0 +1,25 @@
+"""The database layer on its own, against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from feed_app.db import Database
+from tests.faults import wait_for
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_closing_the_database_while_a_cancelled_query_closes_its_connection(db_dsn):
+    """Shutdown cancels sessions mid-query and then closes the pool: a connection that the
+    cancellation closed comes back to the pool while the close waits, and must end that wait
+    (aiopg's own pool.wait_closed() is not woken by it and sat out its whole timeout)."""
+    db = await Database.connect(db_dsn, 2)
+    query = asyncio.ensure_future(db._run("SELECT pg_sleep(5)", retry=False))
+    await wait_for(lambda: db.pool.size > db.pool.freesize, 5, "the query holds a connection")
+    closing = asyncio.ensure_future(db.close(timeout=20))
+    await asyncio.sleep(0.1)  # the close is waiting for the busy connection
+    query.cancel()
+    await asyncio.wait_for(closing, 5)
+    assert db.pool.closed
