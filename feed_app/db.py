@@ -231,8 +231,15 @@ class Database:
         use reveals it; a timeout is not retried, so a silent server costs one QUERY_TIMEOUT."""
         try:
             async with self.pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute(sql, params)
-                return await cur.fetchall() if cur.description else []
+                try:
+                    await cur.execute(sql, params)
+                    return await cur.fetchall() if cur.description else []
+                finally:
+                    # An aiopg Cursor and its Transaction refer to each other: left as they are,
+                    # every query is a cycle that holds its result set until the collector runs,
+                    # which the tuned collector (run.py) does rarely. Cut, reference counting
+                    # frees it at once. (aiopg 1.4.0 is its last release.)
+                    cur._transaction = None
         except asyncio.TimeoutError as exc:
             raise DatabaseUnavailable(f"no answer within {QUERY_TIMEOUT} s") from exc
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:

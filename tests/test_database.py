@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -23,3 +24,28 @@ async def test_closing_the_database_while_a_cancelled_query_closes_its_connectio
     query.cancel()
     await asyncio.wait_for(closing, 5)
     assert db.pool.closed
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_query_leaves_no_cycle_for_the_collector(db_dsn):
+    """With young collections every 50,000 allocations (run.py), each query left in a cycle kept
+    its result set in memory for thousands of queries: the soak saw the service grow by 8 MB
+    before the first collection. A finished query must be freed by reference counting alone."""
+    db = await Database.connect(db_dsn, 2)
+    try:
+        await db.ping()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                await db._run("SELECT 1, 'x'")
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = {type(thing).__module__ for thing in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert not {module for module in left if module.startswith(("aiopg", "psycopg2"))}
+    finally:
+        await db.close()
