@@ -1,6 +1,6 @@
 """The local cluster: RabbitMQ nodes, service instances and HAProxy, started and stopped as one.
 
-    scripts/cluster up [--nodes 3] [--instances 3] [--port 8880]
+    scripts/cluster up [--nodes 3] [--instances 3] [--port 8880] [--env NAME=VALUE ...]
     scripts/cluster status | down | add-node | add-instance | remove-instance NAME | reload | env
 
 What `up` starts, all on loopback:
@@ -454,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--instances", type=int, default=3)
     up.add_argument("--port", type=int, default=Ports.balancer, help="HAProxy's port")
     up.add_argument("--db-dsn", default=DEFAULT_DSN)
+    up.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of every instance (repeatable), e.g. FEED_FANOUT=process",
+    )
     commands.add_parser("down", help="stop everything and remove the run directory")
     commands.add_parser("status", help="what runs")
     commands.add_parser("add-node", help="one more RabbitMQ node, used without restarts")
@@ -467,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             ports = Ports(balancer=args.port)
-            cluster = Cluster(args.run_dir, ports=ports, db_dsn=args.db_dsn)
+            if any("=" not in item for item in args.env):
+                parser.error("--env takes NAME=VALUE")
+            settings = dict(item.partition("=")[::2] for item in args.env)
+            cluster = Cluster(args.run_dir, ports=ports, db_dsn=args.db_dsn, instance_env=settings)
             cluster.up(args.nodes, args.instances)
             print(cluster.status())
             print(f"\nopen {cluster.balancer.url}/ ; scripts/cluster down stops it all")
