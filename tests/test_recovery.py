@@ -333,6 +333,26 @@ async def test_follow_and_unfollow_from_another_process_reach_the_open_session(
     assert ids_of(feed.posts) == [*recent, live, still, marker]
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_instances_in_the_two_modes_on_one_vhost_deliver_to_each_other(
+    api, service, processes, fanout_mode
+):
+    """Proves: the modes differ only inside a process (same exchange, routing keys and frames),
+    so instances of both can share a broker, and a deployment can change mode one instance at a
+    time: posts made on either instance reach the reader's sockets on both, once each."""
+    other_mode = "process" if fanout_mode == "session" else "session"
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    elsewhere = processes(FEED_FANOUT=other_mode)
+    await elsewhere.start(ready="/readyz")
+    remote = Api(elsewhere.base_url)
+    feeds = [await api.open_feed(reader), await remote.open_feed(reader)]
+    posted = [(await api.post(author, "here"))["id"], (await remote.post(author, "there"))["id"]]
+    marker = await settle(remote, author, feeds)
+    for feed in feeds:
+        assert sorted(ids_of(feed.posts)) == sorted([*posted, marker])
+
+
 # --- 6. a client that stops reading ---------------------------------------------------------------
 
 SLOW = {"session_queue_max": 20, "prefetch": 5}
