@@ -115,8 +115,9 @@ def tune_garbage_collector(young_threshold: int) -> None:
     pausing every socket. Start-up objects are frozen out of collections, and young collections
     run every FEED_GC_YOUNG_THRESHOLD allocations instead of 700, so short-lived delivery
     objects die before they are promoted and full collections come far apart. That is safe
-    only because closed sessions leave no cycles (tests/test_session_lifecycle.py); the effect
-    on the tail latency is in BENCHMARKS.md ("Garbage collection")."""
+    only because closed sessions and finished queries leave no cycles
+    (tests/test_session_lifecycle.py, tests/test_database.py); the measurements are in
+    BENCHMARKS.md ("Soak and garbage collection")."""
     gc.freeze()
     gc.set_threshold(young_threshold, 20, 10)
 
