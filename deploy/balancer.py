@@ -133,24 +133,31 @@ class Balancer:
     def add_server(self, name: str, port: int) -> None:
         """Add an instance while HAProxy runs: created in maintenance, then checked and enabled.
         (Servers added at run time do not take default-server's settings: they are repeated.)"""
-        for line in (
-            f"add server {BACKEND}/{name} 127.0.0.1:{port} {SERVER_OPTIONS}",
-            f"enable health {BACKEND}/{name}",
-            f"enable server {BACKEND}/{name}",
-        ):
-            answer = self.command(line).strip()
-            if answer and "New server registered" not in answer:
-                raise BalancerError(f"HAProxy: {line}: {answer}")
+        self._run_commands(
+            [
+                f"add server {BACKEND}/{name} 127.0.0.1:{port} {SERVER_OPTIONS}",
+                f"enable health {BACKEND}/{name}",
+                f"enable server {BACKEND}/{name}",
+            ],
+            success="New server registered",
+        )
 
     def remove_server(self, name: str) -> None:
         """Take an instance out while HAProxy runs; its open connections are closed."""
-        for line in (
-            f"set server {BACKEND}/{name} state maint",
-            f"shutdown sessions server {BACKEND}/{name}",
-            f"del server {BACKEND}/{name}",
-        ):
+        self._run_commands(
+            [
+                f"set server {BACKEND}/{name} state maint",
+                f"shutdown sessions server {BACKEND}/{name}",
+                f"del server {BACKEND}/{name}",
+            ],
+            success="Server deleted",
+        )
+
+    def _run_commands(self, lines: list[str], success: str) -> None:
+        """Runtime API commands in order; each answers nothing, or `success`, or an error."""
+        for line in lines:
             answer = self.command(line).strip()
-            if answer and "Server deleted" not in answer:
+            if answer and success not in answer:
                 raise BalancerError(f"HAProxy: {line}: {answer}")
 
     def server_states(self) -> dict[str, tuple[str, int]]:

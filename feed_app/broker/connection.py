@@ -420,18 +420,30 @@ class Broker:
 
     # --- bounded queues --------------------------------------------------------------------------
 
-    def bounded_queue_arguments(self, max_length: int, expires_ms: int) -> dict[str, Any]:
-        """Arguments of a queue that keeps at most max_length messages. When its consumer lets it
-        fill, the broker drops the oldest and dead-letters it to this connection's overflow
-        queue, which is how the owner learns that it lost messages (watch_overflow). x-expires
-        is a safety net: an unused queue vanishes even if its delete was lost."""
-        return {
+    async def declare_bounded_queue(
+        self,
+        channel: Channel,
+        name: str,
+        max_length: int,
+        expires_ms: int,
+        on_overflow: Callable[[], None],
+    ) -> None:
+        """An exclusive, auto-delete queue that keeps at most max_length messages. When its
+        consumer lets it fill, the broker drops the oldest and dead-letters it to this
+        connection's overflow queue, and on_overflow is called: that is how the owner learns
+        that it lost messages. x-expires is a safety net: an unused queue vanishes even if its
+        delete was lost."""
+        arguments = {
             "x-expires": expires_ms,
             "x-max-length": max_length,
             "x-overflow": "drop-head",
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.overflow_queue,
         }
+        await channel.call(
+            channel.pika.queue_declare, name, exclusive=True, auto_delete=True, arguments=arguments
+        )
+        self.watch_overflow(name, on_overflow)
 
     def watch_overflow(self, queue: str, on_overflow: Callable[[], None] | None) -> None:
         if on_overflow is None:

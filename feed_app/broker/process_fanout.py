@@ -97,15 +97,9 @@ class ProcessFanout(BrokerFanout):
             channel = await self.broker.open_channel(connection, prefetch=PREFETCH)
             setup = await self.broker.open_channel(connection)
             unbinders = [await self.broker.open_channel(connection) for _ in range(UNBIND_CHANNELS)]
-            arguments = self.broker.bounded_queue_arguments(QUEUE_MAX, QUEUE_EXPIRES_MS)
-            await setup.call(
-                setup.pika.queue_declare,
-                self.queue,
-                exclusive=True,
-                auto_delete=True,
-                arguments=arguments,
+            await self.broker.declare_bounded_queue(
+                setup, self.queue, QUEUE_MAX, QUEUE_EXPIRES_MS, self._on_queue_overflow
             )
-            self.broker.watch_overflow(self.queue, self._on_queue_overflow)
             self._channel, self._setup, self._free_unbinders = channel, setup, unbinders
             await self._bind_all(list(self._subscribers))
             await channel.call(channel.pika.basic_consume, self.queue, self._on_message)

@@ -163,15 +163,9 @@ class SessionFanout(BrokerFanout):
         channel = self._consume[turn % len(self._consume)]
         setup = self._setup[turn % len(self._setup)]
         queue.channel, queue.setup = channel, setup
-        arguments = self.broker.bounded_queue_arguments(self.queue_max, QUEUE_EXPIRES_MS)
-        await setup.call(
-            setup.pika.queue_declare,
-            queue.name,
-            exclusive=True,
-            auto_delete=True,
-            arguments=arguments,
+        await self.broker.declare_bounded_queue(
+            setup, queue.name, self.queue_max, QUEUE_EXPIRES_MS, queue.on_overflow
         )
-        self.broker.watch_overflow(queue.name, queue.on_overflow)
         assert queue.subscriber is not None
         # No-wait, like the authors' binds: the barrier after those covers this one too.
         setup.pika.queue_bind(queue.name, wire.EXCHANGE, wire.control_key(queue.subscriber.user_id))
