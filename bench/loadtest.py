@@ -49,7 +49,7 @@ from bench import ceilings, compare, report
 from bench.population import build_population
 from bench.processes import REPO, stop_all
 from bench.service_run import ServiceRun, phase_authors
-from feed_app.config import redact_url
+from feed_app.config import redact_url, setting_assignment
 from feed_app.fanout import MODES
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--service-env",
         action="append",
         default=[],
+        type=setting_assignment,
         metavar="NAME=VALUE",
         help="a setting of the spawned service (repeatable), e.g. FEED_GC_YOUNG_THRESHOLD=700",
     )

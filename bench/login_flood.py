@@ -35,6 +35,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from bench.delivery_delay import delays, describe, new_user, open_follower
 from bench.processes import own_service
+from feed_app.config import setting_assignment
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -108,7 +109,7 @@ async def run(args: argparse.Namespace) -> None:
         await measure(args.url.rstrip("/"), args)
         return
     settings = {"FEED_POST_RATE": "1000000/second"}
-    settings.update(setting.split("=", 1) for setting in args.service_env)
+    settings.update(args.service_env)
     log = REPO / "bench" / "results" / "login_flood.service.log"
     async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
         await measure(service.url, args)
@@ -128,6 +129,7 @@ def main() -> None:
         "--service-env",
         action="append",
         default=[],
+        type=setting_assignment,
         metavar="FEED_X=VALUE",
         help="a setting for the service this script starts (repeatable), e.g. "
         "FEED_REFUSAL_DELAY=0 to refuse at once, FEED_LOGIN_RATE_USER=1000000/second for none",

@@ -54,14 +54,6 @@ def phase_authors(population: Population, rate: float, duration: float, args: An
     return choose_authors(population, posts, args.author_choice, rng)
 
 
-def service_env(args: argparse.Namespace) -> dict[str, str]:
-    """--service-env NAME=VALUE options as a dict."""
-    pairs = [item.partition("=") for item in args.service_env]
-    if any(not name.startswith("FEED_") or not sep for name, sep, _ in pairs):
-        raise ValueError(f"--service-env takes FEED_NAME=VALUE, not {args.service_env}")
-    return {name: value for name, _, value in pairs}
-
-
 @dataclasses.dataclass
 class Target:
     """Where the service runs, and how to read its processes."""
@@ -157,7 +149,11 @@ class ServiceRun:
         run_args = ["--workers", str(args.workers), "--fanout", self.mode]
         self.say(f"starting the service: run.py {' '.join(run_args)}")
         service = await start_service(
-            args.db_dsn, args.amqp_url, {**UNLIMITED, **service_env(args)}, self.log_path, run_args
+            args.db_dsn,
+            args.amqp_url,
+            {**UNLIMITED, **dict(args.service_env)},
+            self.log_path,
+            run_args,
         )
         return Target([service.url], service.jwt_secret, process=service.process)
 

@@ -37,6 +37,7 @@ import psycopg2.extensions
 from deploy import processes
 from deploy.balancer import Balancer, BalancerError
 from deploy.rabbit_nodes import Node, NodeError
+from feed_app.config import setting_assignment
 from feed_app.db import drop_database, prepare_database
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "--env",
         action="append",
         default=[],
+        type=setting_assignment,
         metavar="NAME=VALUE",
         help="a setting of every instance (repeatable), e.g. FEED_FANOUT=process",
     )
@@ -474,9 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             ports = Ports(balancer=args.port)
-            if any("=" not in item for item in args.env):
-                parser.error("--env takes NAME=VALUE")
-            settings = dict(item.partition("=")[::2] for item in args.env)
+            settings = dict(args.env)
             cluster = Cluster(args.run_dir, ports=ports, db_dsn=args.db_dsn, instance_env=settings)
             cluster.up(args.nodes, args.instances)
             print(cluster.status())

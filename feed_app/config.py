@@ -111,6 +111,19 @@ _OPTIONS = [
 ]
 
 _CHOICES = {"fanout": MODES}
+_VARIABLES = {var for _, var, _ in _OPTIONS}
+
+
+def setting_assignment(text: str) -> tuple[str, str]:
+    """An argparse type for the tools that start the service with some of its settings changed
+    (NAME=VALUE, repeatable): a name that is no setting fails at once instead of being ignored
+    by the service."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in _VARIABLES:
+        raise argparse.ArgumentTypeError(
+            f"FEED_NAME=VALUE with a setting of `run.py --help`, not {text!r}"
+        )
+    return name, value
 
 
 def parse_settings(
