@@ -123,6 +123,9 @@ async def test_broker_outage_loses_no_post_and_keeps_sockets_open(api, service, 
         assert feed.close_code is None, f"feed {n} was closed by the outage"
         assert_exactly_once(ids_of(feed.posts), [before, *during, after, marker], f"feed {n}")
     assert len(service.sessions) == 2
+    # The queues of the lost connection are forgotten: only the live ones are watched.
+    live = {service.fanout.queue_of(session) for session in service.sessions}
+    assert set(service.broker._overflow_handlers) == live
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -53,6 +53,11 @@ class BrokerUnavailable(Exception):
     """No open connection to RabbitMQ right now (it is being re-established)."""
 
 
+# What a set-up step on a connection can fail with: the connection or channel went away, the
+# broker did not answer in time, or it refused the command.
+AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
+
+
 class State(enum.Enum):
     CLOSED = "closed"
     CONNECTING = "connecting"
@@ -95,12 +100,13 @@ class Channel:
         consumer that settles every message as it arrives (the process queue): one frame per
         turn whatever the number of messages, and no bookkeeping per message."""
         self._through = delivery_tag
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._schedule_flush()
 
     def ack(self, delivery_tag: int) -> None:
         self._settled.add(delivery_tag)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
@@ -333,7 +339,7 @@ class Broker:
             )
             self._next_delivery_tag = 1
             await self._declare_overflow_queue(self._publish_channel)
-        except (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError) as exc:
+        except AMQP_FAILURES as exc:
             # A connection that died is reconnected by _on_connection_closed; one that is still
             # up but could not set up its channels is closed, so that path reconnects it too.
             self.reconnect(f"cannot open channels ({exc})", connection)
@@ -378,6 +384,7 @@ class Broker:
                 future.set_exception(BrokerUnavailable(f"connection lost: {reason}"))
         self._unconfirmed.clear()
         self._publish_channel = None
+        self._overflow_handlers.clear()  # exclusive queues die with their connection
 
     # --- publishing with confirms ----------------------------------------------------------------
 
@@ -443,13 +450,12 @@ class Broker:
         await channel.call(
             channel.pika.queue_declare, name, exclusive=True, auto_delete=True, arguments=arguments
         )
-        self.watch_overflow(name, on_overflow)
+        if channel.is_open:  # else the queue died with its connection (_forget_channels)
+            self._overflow_handlers[name] = on_overflow
 
-    def watch_overflow(self, queue: str, on_overflow: Callable[[], None] | None) -> None:
-        if on_overflow is None:
-            self._overflow_handlers.pop(queue, None)
-        else:
-            self._overflow_handlers[queue] = on_overflow
+    def forget_overflow(self, queue: str) -> None:
+        """The queue is gone, or its owner no longer cares that it overflows."""
+        self._overflow_handlers.pop(queue, None)
 
     async def _declare_overflow_queue(self, channel: Channel) -> None:
         self.overflow_queue = f"feed.overflow.{secrets.token_hex(6)}"

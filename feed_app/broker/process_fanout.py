@@ -30,12 +30,11 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import Broker, BrokerUnavailable, Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker, BrokerUnavailable, Channel
 from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.fanout import Subscriber
 
@@ -46,7 +45,6 @@ QUEUE_EXPIRES_MS = 60_000
 PREFETCH = 1000  # acks go once per loop turn; this only bounds what is in flight between them
 UNBIND_AFTER = 10.0  # seconds an author stays bound without a local follower
 UNBIND_CHANNELS = 4  # unbinds out at once
-_AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
 
 
 class ProcessFanout(BrokerFanout):
@@ -103,7 +101,7 @@ class ProcessFanout(BrokerFanout):
             self._channel, self._setup, self._free_unbinders = channel, setup, unbinders
             await self._bind_all(list(self._subscribers))
             await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
-        except _AMQP_FAILURES as exc:
+        except AMQP_FAILURES as exc:
             self.broker.reconnect(f"cannot set up the process queue ({exc})", connection)
             return
         if not self.still_current(connection):
@@ -261,7 +259,7 @@ class ProcessFanout(BrokerFanout):
         of its own flush only: a key unbound and bound again since has a future of its own."""
         try:
             await setup.call(setup.pika.queue_declare, self.queue, passive=True)
-        except _AMQP_FAILURES:
+        except AMQP_FAILURES:
             return  # the channel died: on_broker_lost fails every waiting binding
         for future in futures:
             if not future.done():

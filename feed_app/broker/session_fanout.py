@@ -21,7 +21,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import Broker, BrokerUnavailable, Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker, BrokerUnavailable, Channel
 from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.fanout import Subscriber
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 QUEUE_EXPIRES_MS = 60_000  # safety net: an unused session queue vanishes after a minute
 CONSUME_CHANNELS, SETUP_CHANNELS = 4, 2
-_AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPError)
 
 
 class SessionQueue:
@@ -124,7 +123,7 @@ class SessionFanout(BrokerFanout):
                 for _ in range(CONSUME_CHANNELS)
             ]
             setup = [await self.broker.open_channel(connection) for _ in range(SETUP_CHANNELS)]
-        except _AMQP_FAILURES as exc:
+        except AMQP_FAILURES as exc:
             self.broker.reconnect(f"cannot open session channels ({exc})", connection)
             return
         if not self.still_current(connection):
@@ -138,7 +137,6 @@ class SessionFanout(BrokerFanout):
         self._consume, self._setup = [], []
         self._ready.clear()
         for queue in self._queues.values():
-            self.broker.watch_overflow(queue.name, None)
             queue.lost()
         for subscriber in list(self._queues):
             subscriber.on_fanout_lost()
@@ -195,20 +193,22 @@ class SessionFanout(BrokerFanout):
             raise BrokerUnavailable("connection lost while binding")
 
     async def follow(self, subscriber: Subscriber, author_id: int) -> None:
-        queue = self._queues.get(subscriber)
-        if queue is None or queue.setup is None:
-            raise BrokerUnavailable("not subscribed on the current connection")
-        try:
-            await self._bind(queue, queue.authors | {author_id})
-        except pika.exceptions.AMQPError as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+        queue = self._subscribed(subscriber)
+        await self._rebind(queue, queue.authors | {author_id})
 
     async def unfollow(self, subscriber: Subscriber, author_id: int) -> None:
+        queue = self._subscribed(subscriber)
+        await self._rebind(queue, queue.authors - {author_id})
+
+    def _subscribed(self, subscriber: Subscriber) -> SessionQueue:
         queue = self._queues.get(subscriber)
         if queue is None or queue.setup is None:
             raise BrokerUnavailable("not subscribed on the current connection")
+        return queue
+
+    async def _rebind(self, queue: SessionQueue, authors: set[int]) -> None:
         try:
-            await self._bind(queue, queue.authors - {author_id})
+            await self._bind(queue, authors)
         except pika.exceptions.AMQPError as exc:
             raise BrokerUnavailable(str(exc)) from exc
 
@@ -217,7 +217,7 @@ class SessionFanout(BrokerFanout):
         if queue is None:
             return
         queue.subscriber = None  # deliveries already on their way are acked, not delivered
-        self.broker.watch_overflow(queue.name, None)
+        self.broker.forget_overflow(queue.name)
         # Deleting the queue also cancels its consumer, and doing it on the setup channel keeps
         # the slow part (dropping every binding) off the channel that carries others' acks. While
         # basic.consume awaits its answer, though, a delete on another channel could overtake it
