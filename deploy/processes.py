@@ -17,6 +17,8 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
+from run import process_exists
+
 # Popen objects of the processes started by this Python process: polling them reaps the zombie a
 # dead child would otherwise leave (its pid would look alive to os.kill(pid, 0)).
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -45,13 +47,7 @@ def alive(pid: int | None) -> bool:
     child = _CHILDREN.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, and another user's (a RabbitMQ node's Erlang VM)
-    return True
+    return process_exists(pid)  # also another user's (a RabbitMQ node's Erlang VM)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
