@@ -36,7 +36,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 from feed_app import auth
 from feed_app.wire import Close
 from tests.conftest import with_settings
-from tests.support import PASSWORD, User
+from tests.support import PASSWORD, Api, User
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
@@ -612,17 +612,26 @@ async def test_load_older_pages_back_without_duplicates(browser, api):
     assert not any(p["isNew"] for p in await shown_posts(page))
 
 
-@pytest.mark.gen_test(timeout=60)
-async def test_broker_outage_leaves_no_gap(browser, api, service, amqp_proxy):
-    """RabbitMQ is cut off while the page is open: posts made meanwhile wait in the outbox and
-    reach the page once the broker is back; the socket stays open, nothing is lost or doubled."""
-    author, reader = await api.new_user("Hugo Lane"), await api.new_user("Iris Bell")
+async def live_page(
+    browser: Browser, api: Api, author_name: str, reader_name: str
+) -> tuple[Page, User, User, dict]:
+    """A reader who follows an author, logged in on a page whose feed is live and shows one post
+    of the author: (page, author, reader, that post)."""
+    author, reader = await api.new_user(author_name), await api.new_user(reader_name)
     await api.follow(reader, author)
     page = await browser.new_page()
     await log_in_with_keyboard(page, reader)
     await wait_live(page)
-    before = await api.post(author, "before the outage")
+    before = await api.post(author, "shown before")
     await wait_shown(page, before)
+    return page, author, reader, before
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_broker_outage_leaves_no_gap(browser, api, service, amqp_proxy):
+    """RabbitMQ is cut off while the page is open: posts made meanwhile wait in the outbox and
+    reach the page once the broker is back; the socket stays open, nothing is lost or doubled."""
+    page, author, _, before = await live_page(browser, api, "Hugo Lane", "Iris Bell")
 
     amqp_proxy.disable()
     during = [await api.post(author, f"during the outage {n}") for n in range(3)]
@@ -644,13 +653,7 @@ async def test_page_resumes_after_each_close_code_without_duplicates(browser, ap
     """The server closes the page's socket with 1011, 1001 or 4008; a post made while the page
     waits to reconnect, the one shown before and one made after each appear once, and the page
     is live again on exactly one new server session, having shown "Reconnecting" meanwhile."""
-    author, follower = await api.new_user("Jo Chen"), await api.new_user("Kim Ito")
-    await api.follow(follower, author)
-    page = await browser.new_page()
-    await log_in_with_keyboard(page, follower)
-    await wait_live(page)
-    before = await api.post(author, "shown before the drop")
-    await wait_shown(page, before)
+    page, author, _, before = await live_page(browser, api, "Jo Chen", "Kim Ito")
 
     # Pin the jitter so the page waits ~450 ms (0.9 of its first 500 ms ceiling) after 1011,
     # and record every state the connection pill shows.
