@@ -170,6 +170,21 @@ class Node:
         self.ctl("join_cluster", seed.name)
         self.ctl("start_app")
 
+    def cut_link(self, other: Node, seconds: float) -> None:
+        """A network partition between this node and `other`, staged on one machine: for
+        `seconds`, a process on this node takes their Erlang distribution link down every 20 ms.
+        Every client connection stays open, as in a real partition (a stopped or killed node
+        would close them). Returns at once; the link comes back by itself afterwards."""
+        rounds = max(1, round(seconds / 0.02))
+        cut = (
+            "spawn(fun() ->"
+            " Cut = fun(_, 0) -> ok;"
+            f" (Again, N) -> erlang:disconnect_node('{other.name}'), timer:sleep(20),"
+            " Again(Again, N - 1) end,"
+            f" Cut(Cut, {rounds}) end), ok."
+        )
+        self.ctl("eval", cut)
+
     def running_nodes(self) -> list[str]:
         """The cluster's running nodes, as this node sees them."""
         status = json.loads(self.ctl("cluster_status", "--formatter", "json"))

@@ -13,12 +13,13 @@ import tornado.httpserver
 import tornado.web
 
 from feed_app import edge, handlers
-from feed_app.broker import Broker, make_fanout
+from feed_app.broker import Broker, HeartbeatLink, make_fanout
 from feed_app.config import Settings
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
 from feed_app.limits import Limits
 from feed_app.metrics import Exporter, Metrics
+from feed_app.path_check import PathCheck, PathState, new_process_id
 from feed_app.relay import OutboxRelay
 from feed_app.sessions import FeedSession, FeedSocket
 from feed_app.wire import Close
@@ -42,6 +43,14 @@ class Service:
         )
         self.metrics = metrics
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
+        self.path_check = PathCheck(
+            new_process_id(),
+            db,
+            resync_all=self._resync_all,
+            move=broker.reconnect,
+            on_break=self._count_break,
+        )
+        self.path_check.heartbeats = HeartbeatLink(broker, self.path_check.process, self.path_check)
         self.sessions: set[FeedSession] = set()
         self.limits = Limits(settings, metrics)
         self.exporter = Exporter(
@@ -72,14 +81,24 @@ class Service:
         service = cls(settings, db, broker, metrics)
         broker.start()
         service.relay.start()
+        service.path_check.start()
         service.exporter.start()
         return service
+
+    def _resync_all(self) -> None:
+        self.metrics.path_resyncs += 1
+        self.fanout.resync_all()
+
+    def _count_break(self) -> None:
+        self.metrics.path_breaks += 1
 
     def _gauges(self) -> dict[str, float]:
         return {
             "feed_open_sessions": len(self.sessions),
             "feed_fanout_subscribers": self.fanout.subscribers,
             "feed_fanout_bindings": self.fanout.bindings,
+            "feed_delivery_path_broken": int(self.path_check.state is PathState.BROKEN),
+            "feed_delivery_path_silent_peers": len(self.path_check.silent),
         }
 
     def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession | None:
@@ -122,6 +141,7 @@ class Service:
         except Exception as exc:  # shutdown goes on; the lease hands leftovers to another process
             log.warning("outbox not flushed: %s", exc)
         await self.relay.stop(max(0.1, deadline - time.monotonic()))
+        await self.path_check.stop()
         try:
             await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:

@@ -55,6 +55,15 @@ class Post:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class BeatReport:
+    """A process's last report of its heartbeats (live_processes)."""
+
+    sent: int  # the last beat it had published when it reported
+    confirmed: int  # the last beat the broker had confirmed
+    at: float  # when, on PostgreSQL's clock (seconds)
+
+
 # --- schema, applied synchronously before the event loop starts ----------------------------------
 
 
@@ -458,6 +467,36 @@ class Database:
 
     async def delete_follow_changes(self, change_ids: list[int]) -> None:
         await self._run("DELETE FROM follow_outbox WHERE id = ANY(%s)", (change_ids,))
+
+    # live processes (feed_app/path_check.py)
+
+    async def report_beats(
+        self, process: str, sent: int, confirmed: int, live_within: float
+    ) -> tuple[float, dict[str, BeatReport]]:
+        """Record this process's beats, and return the time of this statement (PostgreSQL's
+        clock, in seconds) with every other process's last report, from those that reported
+        within live_within seconds. Rows of processes gone for an hour are dropped on the way:
+        a killed process cannot delete its own."""
+        sql = """
+            WITH mine AS (
+                INSERT INTO live_processes (id, sent, confirmed)
+                VALUES (%(me)s, %(sent)s, %(confirmed)s)
+                ON CONFLICT (id) DO UPDATE
+                SET sent = EXCLUDED.sent, confirmed = EXCLUDED.confirmed, seen_at = now()),
+            gone AS (
+                DELETE FROM live_processes WHERE seen_at < now() - interval '1 hour')
+            SELECT extract(epoch FROM now())::float8, id, sent, confirmed,
+                   extract(epoch FROM seen_at)::float8
+            FROM live_processes
+            WHERE id <> %(me)s AND seen_at > now() - %(within)s * interval '1 second'
+            UNION ALL SELECT extract(epoch FROM now())::float8, NULL, 0, 0, 0"""
+        params = {"me": process, "sent": sent, "confirmed": confirmed, "within": live_within}
+        rows = await self._run(sql, params, retry=False)
+        reports = {peer: BeatReport(*row) for _, peer, *row in rows if peer is not None}
+        return rows[0][0], reports
+
+    async def forget_process(self, process: str) -> None:
+        await self._run("DELETE FROM live_processes WHERE id = %s", (process,), retry=False)
 
     async def outbox_backlog(self) -> int:
         [(count,)] = await self._run("SELECT count(*) FROM outbox")

@@ -82,6 +82,10 @@ class Fanout(Protocol):
     def detach(self, subscriber: Subscriber) -> None:
         """Forget the subscriber; nothing is delivered to it afterwards."""
 
+    def resync_all(self) -> None:
+        """Every subscriber reads what it may have missed from PostgreSQL: live posts were lost
+        on the way, and the broker did not say (feed_app/path_check.py found it)."""
+
     # What metrics and tests read.
     subscribers: int  # known subscribers
     bindings: int  # bindings in place on the broker

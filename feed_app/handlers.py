@@ -339,7 +339,13 @@ class ReadyHandler(BaseHandler):
             self.finish({"error": "; ".join(problems)})
         else:
             # Which RabbitMQ node this instance uses (host:port), for operators and the tests.
-            self.finish({"status": "ready", "broker": self.service.broker.endpoint})
+            self.finish(
+                {
+                    "status": "ready",
+                    "broker": self.service.broker.endpoint,
+                    **self.service.path_check.report(),
+                }
+            )
 
 
 class MetricsHandler(BaseHandler):

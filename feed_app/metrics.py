@@ -41,6 +41,14 @@ COUNTERS = {
     "slow_client_closes": ("feed_slow_client_closes_total", "sockets closed with 4008"),
     "password_hashes": ("feed_password_hashes_total", "scrypt hashes computed"),
     "limit_refusals": ("feed_limit_refusals_total", "requests refused by a limit"),
+    "path_breaks": (
+        "feed_delivery_path_breaks_total",
+        "times a process found peers' heartbeats not reaching it",
+    ),
+    "path_resyncs": (
+        "feed_delivery_path_resyncs_total",
+        "times every session read what it missed, for a break that healed or a lost heartbeat",
+    ),
 }
 LATENCY = ("feed_create_to_send_seconds", "post creation to websocket write")
 # Gauges each worker sets from its own state: a scrape shows the sum over the live workers.
@@ -49,6 +57,8 @@ GAUGES = {
     "feed_fanout_subscribers": "sessions known to the fan-out",
     "feed_fanout_bindings": "bindings the fan-out holds on the broker",
     "feed_workers": "worker processes serving",
+    "feed_delivery_path_broken": "worker processes whose peers' heartbeats do not reach them",
+    "feed_delivery_path_silent_peers": "peers whose heartbeats do not reach this process",
 }
 BROKER_CONNECTIONS = ("feed_broker_connections", "worker processes connected to this RabbitMQ node")
 
@@ -76,6 +86,8 @@ class Metrics:
         self.slow_client_closes = 0
         self.password_hashes = 0
         self.limit_refusals = 0
+        self.path_breaks = 0
+        self.path_resyncs = 0
         self.delivery_latency = Histogram(LATENCY_BOUNDS)
 
 

@@ -80,6 +80,9 @@ def frame_type(frame: str | bytes) -> str | None:
 
 EXCHANGE = "amq.direct"
 FOLLOW_CHANGE = "follow-change"  # message type: the user's follow of one author changed
+# Every process binds a queue of its own to this key and publishes its heartbeats to it: hearing
+# a peer's beats is the proof that posts published through the peer's node reach this process.
+HEARTBEAT_KEY = "feed.heartbeat"
 
 
 def author_key(author_id: int) -> str:
@@ -92,3 +95,14 @@ def control_key(user_id: int) -> str:
     The body is the id of the author whose follow changed; receivers read the database for what
     the change was, so two changes that arrive out of order still end in the right state."""
     return f"control.{user_id}"
+
+
+def heartbeat_body(process: str, beat: int) -> bytes:
+    """A heartbeat: which process sent it, and its number (1, 2, ...: a gap means one was lost)."""
+    return f"{process} {beat}".encode()
+
+
+def parse_heartbeat(body: bytes) -> tuple[str, int]:
+    """(process, beat) of a heartbeat body; ValueError for anything else."""
+    process, beat = body.decode().split(" ")
+    return process, int(beat)

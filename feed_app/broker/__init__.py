@@ -7,11 +7,19 @@ are the two ways of getting posts to feed sessions (feed_app/fanout.py is the se
 from __future__ import annotations
 
 from feed_app.broker.connection import Broker, BrokerUnavailable
+from feed_app.broker.heartbeat import HeartbeatLink
 from feed_app.broker.process_fanout import ProcessFanout
 from feed_app.broker.session_fanout import SessionFanout
 from feed_app.fanout import Fanout
 
-__all__ = ["Broker", "BrokerUnavailable", "ProcessFanout", "SessionFanout", "make_fanout"]
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "HeartbeatLink",
+    "ProcessFanout",
+    "SessionFanout",
+    "make_fanout",
+]
 
 
 def make_fanout(mode: str, broker: Broker, *, queue_max: int, prefetch: int) -> Fanout:

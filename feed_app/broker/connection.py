@@ -399,6 +399,10 @@ class Broker:
         body = str(author_id).encode()
         return self._publish(wire.control_key(user_id), body, messages.FOLLOW_CHANGE_PROPERTIES)
 
+    def publish_heartbeat(self, body: bytes) -> asyncio.Future:
+        """A heartbeat of this process to every process's heartbeat queue (broker/heartbeat.py)."""
+        return self._publish(wire.HEARTBEAT_KEY, body, messages.HEARTBEAT_PROPERTIES)
+
     def _publish(
         self, routing_key: str, body: bytes, properties: pika.BasicProperties
     ) -> asyncio.Future:

@@ -9,6 +9,7 @@ import asyncio
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app.broker.connection import Broker
+from feed_app.fanout import Subscriber
 
 
 class BrokerFanout:
@@ -36,3 +37,11 @@ class BrokerFanout:
 
     def still_current(self, connection: AsyncioConnection) -> bool:
         return connection is self.broker.connection and connection.is_open
+
+    def resync_all(self) -> None:
+        for subscriber in self._known_subscribers():
+            subscriber.on_fanout_lost()
+            subscriber.on_fanout_ready()
+
+    def _known_subscribers(self) -> list[Subscriber]:
+        raise NotImplementedError

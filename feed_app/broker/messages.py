@@ -15,6 +15,8 @@ from feed_app.fanout import Delivery
 log = logging.getLogger(__name__)
 
 FOLLOW_CHANGE_PROPERTIES = pika.BasicProperties(type=wire.FOLLOW_CHANGE, delivery_mode=1)
+# A beat that waited this long says nothing about the path any more (feed_app/path_check.py).
+HEARTBEAT_PROPERTIES = pika.BasicProperties(delivery_mode=1, expiration="10000")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

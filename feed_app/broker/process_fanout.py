@@ -84,6 +84,9 @@ class ProcessFanout(BrokerFanout):
     def queue_of(self, subscriber: Subscriber) -> str | None:
         return self.queue if subscriber in self._keys else None
 
+    def _known_subscribers(self) -> list[Subscriber]:
+        return list(self._keys)
+
     # --- the broker's connection ---------------------------------------------------------------
 
     async def _set_up(self, connection: AsyncioConnection) -> None:
@@ -140,7 +143,7 @@ class ProcessFanout(BrokerFanout):
 
     def _heal(self) -> None:
         self._healing = None
-        for subscriber in list(self._keys):
+        for subscriber in self._known_subscribers():
             subscriber.on_fanout_ready()
 
     # --- deliveries ----------------------------------------------------------------------------

@@ -114,6 +114,9 @@ class SessionFanout(BrokerFanout):
         queue = self._queues.get(subscriber)
         return queue.name if queue else None
 
+    def _known_subscribers(self) -> list[Subscriber]:
+        return list(self._queues)
+
     # --- the broker's connection ---------------------------------------------------------------
 
     async def _set_up(self, connection: AsyncioConnection) -> None:
