@@ -13,6 +13,7 @@ import urllib.parse
 import tornado.httputil
 import tornado.web
 
+from feed_app.config import Network
 from feed_app.handlers import MAX_BODY
 
 access_log = logging.getLogger("tornado.access")
@@ -90,14 +91,6 @@ class RefuseLargeBodies(tornado.httputil.HTTPMessageDelegate):
         self.delegate.on_connection_close()
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def trusted_networks(text: str) -> tuple[Network, ...]:
-    """'10.0.0.5, 10.1.0.0/16, ::1': addresses and CIDR networks; ValueError for anything else."""
-    return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",") if part.strip())
-
-
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(text.strip())
@@ -126,7 +119,7 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network,
 
 
 class FeedApplication(tornado.web.Application):
-    """Its settings take `trusted_proxies`, a tuple of networks (trusted_networks)."""
+    """Its settings take `trusted_proxies`, a tuple of networks (config.trusted_networks)."""
 
     def start_request(self, server_conn, request_conn):  # type: ignore[no-untyped-def]
         return RefuseLargeBodies(super().start_request(server_conn, request_conn), request_conn)

@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Protocol
 
-MODES = ("session", "process")
+from feed_app.config import MODES as MODES  # the fan-outs' names, for callers choosing one (bench/)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -17,10 +17,8 @@ import psycopg2
 import pytest
 
 from feed_app.app import Service, make_app
-from feed_app.config import Settings
+from feed_app.config import MODES, Settings, rate
 from feed_app.db import drop_database, prepare_database
-from feed_app.fanout import MODES
-from feed_app.limits import rate
 from tests.faults import ServiceProcess, TcpProxy, endpoint_of, free_port
 from tests.support import Api
 

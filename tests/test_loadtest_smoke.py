@@ -20,7 +20,7 @@ import pytest
 
 from bench import saturation
 from bench.feedclient import Tracker
-from feed_app.fanout import MODES
+from feed_app.config import MODES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOADTEST = REPO / "bench" / "loadtest.py"

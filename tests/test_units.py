@@ -10,12 +10,12 @@ import psycopg2
 import pytest
 
 from feed_app.broker.connection import Channel, NodeList
-from feed_app.config import Settings, parse_settings, redact_url
+from feed_app.config import Rate, Settings, parse_settings, rate, redact_url, trusted_networks
 from feed_app.db import Post, prepare_database
-from feed_app.edge import client_address, trusted_networks
+from feed_app.edge import client_address
 from feed_app.fanout import Delivery
 from feed_app.horizon import HorizonClock
-from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
+from feed_app.limits import LimitExceeded, SlowRefusals, TokenBuckets, address_key
 from feed_app.metrics import Metrics
 from feed_app.sessions import FeedSession, SeenPosts
 from feed_app.wire import post_frame
