@@ -5,7 +5,6 @@ unless that peer is a trusted proxy."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import urllib.parse
@@ -14,7 +13,7 @@ import tornado.httputil
 import tornado.web
 
 from feed_app.config import Network
-from feed_app.handlers import MAX_BODY
+from feed_app.httpkit import BODY_TOO_LARGE, MAX_BODY, error_body
 
 access_log = logging.getLogger("tornado.access")
 
@@ -71,7 +70,7 @@ class RefuseLargeBodies(tornado.httputil.HTTPMessageDelegate):
         return self.delegate.headers_received(start_line, headers)
 
     def _refuse(self, start_line: tornado.httputil.RequestStartLine) -> None:
-        body = json.dumps({"error": f"request body over {MAX_BODY} bytes"}).encode()
+        body = error_body(BODY_TOO_LARGE)
         head = (
             "HTTP/1.1 413 Payload Too Large\r\n"
             "Content-Type: application/json; charset=UTF-8\r\n"

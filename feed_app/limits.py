@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from feed_app.handlers import ApiError
+from feed_app.httpkit import ApiError
 
 if TYPE_CHECKING:
     from feed_app.config import Rate, Settings
