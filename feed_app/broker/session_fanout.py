@@ -21,9 +21,9 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import AMQP_FAILURES, Broker, BrokerUnavailable, Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
 from feed_app.broker.fanout_base import BrokerFanout
-from feed_app.fanout import Subscriber
+from feed_app.fanout import BrokerUnavailable, Subscriber
 
 log = logging.getLogger(__name__)
 
