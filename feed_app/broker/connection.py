@@ -29,7 +29,6 @@ import collections
 import enum
 import logging
 import random
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -450,7 +449,7 @@ class Broker:
         self._overflow_handlers.pop(queue, None)
 
     async def _declare_overflow_queue(self, channel: Channel) -> None:
-        self.overflow_queue = f"feed.overflow.{secrets.token_hex(6)}"
+        self.overflow_queue = wire.overflow_queue()
         await channel.call(
             channel.pika.queue_declare,
             self.overflow_queue,

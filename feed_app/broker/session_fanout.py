@@ -12,7 +12,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,7 +44,7 @@ class SessionQueue:
 
     def _new_name(self) -> str:
         assert self.subscriber is not None
-        return f"{self.subscriber.user_id}.{secrets.token_hex(8)}"
+        return wire.session_queue(self.subscriber.user_id)
 
     def lost(self) -> None:
         """The exclusive queue died with the connection. The next one gets a new name: after a
