@@ -1,6 +1,6 @@
 """The seam between the service and the broker: how a session subscribes to authors and how their
 posts come back to it (Fanout), how the outbox relay publishes them (Publisher), and the error
-both raise while the broker is away. The broker layer (feed_app/broker/) implements them, and
+either raises while the broker is away. The broker layer (feed_app/broker/) implements them, and
 sessions and the outbox relay reach the broker only through them. There are two fan-outs:
 
 - `session` mode, the seed's design: an exclusive queue per socket, bound once per followed
