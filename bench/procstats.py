@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
+
+from feed_app.wire import PROCESS_QUEUE, SESSION_QUEUE  # the service's queue names
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CLI_TIMEOUT = 30.0  # seconds; rabbitmqctl with 10,000 queues takes a few
@@ -174,10 +175,6 @@ async def _run_cli(*argv: str) -> Any | None:
         return None
 
 
-# The queues the service declares (feed_app/broker/): one per socket in session mode,
-# f"{user_id}.{16 hex}"; one per process in process mode, f"feed.process.{host}.{pid}.{8 hex}".
-SESSION_QUEUE = re.compile(r"^(\d+)\.[0-9a-f]{16}$")
-PROCESS_QUEUE = re.compile(r"^feed\.process\..+\.(\d+)\.[0-9a-f]{8}$")
 EXCHANGE = "amq.direct"  # feed_app.wire.EXCHANGE: every binding of the feed is on it
 MEMORY_PARTS = ("queue_procs", "mnesia", "other_ets", "binary")  # where queues and bindings live
 

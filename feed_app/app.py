@@ -14,7 +14,7 @@ import tornado.web
 
 from feed_app import edge, handlers
 from feed_app.broker import Broker, HeartbeatLink, make_fanout
-from feed_app.config import Settings
+from feed_app.config import Settings, trusted_networks
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
 from feed_app.limits import Limits
@@ -184,5 +184,5 @@ def make_app(service: Service) -> tornado.web.Application:
         websocket_ping_interval=service.settings.ping_interval,
         websocket_ping_timeout=service.settings.ping_interval,
         websocket_max_message_size=MAX_WS_MESSAGE,
-        trusted_proxies=edge.trusted_networks(service.settings.trusted_proxies),
+        trusted_proxies=trusted_networks(service.settings.trusted_proxies),
     )

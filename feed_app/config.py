@@ -1,19 +1,53 @@
-"""All configuration in one place: environment variables, each overridable on the command line."""
+"""All configuration in one place: environment variables, each overridable on the command line, and
+the parsing of the values that are more than a number or a word (rates, networks, fan-out modes)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
+import re
 import socket
 import urllib.parse
 from collections.abc import Sequence
 
-from feed_app.edge import trusted_networks
-from feed_app.fanout import MODES
-from feed_app.limits import Rate, rate
-
 DEV_JWT_SECRET = "dev-secret-change-me"
+MODES = ("session", "process")  # the fan-outs (feed_app/fanout.py says how each works)
+
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(second|minute|hour|day|\d{1,9}(?:\.\d+)?)\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """`count` actions per `period` seconds, in bursts of up to `count`."""
+
+    count: int
+    period: float
+
+    def __str__(self) -> str:
+        words = {seconds: word for word, seconds in _PERIODS.items()}
+        return f"{self.count}/{words.get(self.period, f'{self.period:g}')}"
+
+
+def rate(text: str) -> Rate:
+    """'10/minute', '20/hour', '5/second', or a period in seconds: '30/90'."""
+    match = _RATE.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a rate: {text!r}")
+    count, period = int(match[1]), _PERIODS.get(match[2]) or float(match[2])
+    if count < 1 or period <= 0:
+        raise ValueError(f"not a rate: {text!r}")
+    return Rate(count, period)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(text: str) -> tuple[Network, ...]:
+    """'10.0.0.5, 10.1.0.0/16, ::1': addresses and CIDR networks; ValueError for anything else."""
+    return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",") if part.strip())
 
 
 @dataclasses.dataclass(frozen=True)

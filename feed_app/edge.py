@@ -5,7 +5,6 @@ unless that peer is a trusted proxy."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import urllib.parse
@@ -13,7 +12,8 @@ import urllib.parse
 import tornado.httputil
 import tornado.web
 
-from feed_app.handlers import MAX_BODY
+from feed_app.config import Network
+from feed_app.httpkit import BODY_TOO_LARGE, MAX_BODY, error_body
 
 access_log = logging.getLogger("tornado.access")
 
@@ -70,7 +70,7 @@ class RefuseLargeBodies(tornado.httputil.HTTPMessageDelegate):
         return self.delegate.headers_received(start_line, headers)
 
     def _refuse(self, start_line: tornado.httputil.RequestStartLine) -> None:
-        body = json.dumps({"error": f"request body over {MAX_BODY} bytes"}).encode()
+        body = error_body(BODY_TOO_LARGE)
         head = (
             "HTTP/1.1 413 Payload Too Large\r\n"
             "Content-Type: application/json; charset=UTF-8\r\n"
@@ -88,14 +88,6 @@ class RefuseLargeBodies(tornado.httputil.HTTPMessageDelegate):
 
     def on_connection_close(self) -> None:
         self.delegate.on_connection_close()
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def trusted_networks(text: str) -> tuple[Network, ...]:
-    """'10.0.0.5, 10.1.0.0/16, ::1': addresses and CIDR networks; ValueError for anything else."""
-    return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",") if part.strip())
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -126,7 +118,7 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network,
 
 
 class FeedApplication(tornado.web.Application):
-    """Its settings take `trusted_proxies`, a tuple of networks (trusted_networks)."""
+    """Its settings take `trusted_proxies`, a tuple of networks (config.trusted_networks)."""
 
     def start_request(self, server_conn, request_conn):  # type: ignore[no-untyped-def]
         return RefuseLargeBodies(super().start_request(server_conn, request_conn), request_conn)

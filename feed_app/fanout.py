@@ -1,5 +1,7 @@
-"""The seam between feed sessions and the broker: how a session subscribes to authors and how
-their posts come back to it. Two implementations live in the broker layer (feed_app/broker/):
+"""The seam between the service and the broker: how a session subscribes to authors and how their
+posts come back to it (Fanout), how the outbox relay publishes them (Publisher), and the error
+either raises while the broker is away. The broker layer (feed_app/broker/) implements them, and
+sessions and the outbox relay reach the broker only through them. There are two fan-outs:
 
 - `session` mode, the seed's design: an exclusive queue per socket, bound once per followed
   author. The broker does the fan-out: one AMQP delivery per socket per post.
@@ -20,7 +22,35 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Protocol
 
-MODES = ("session", "process")
+from feed_app.config import MODES as MODES  # the fan-outs' names, for callers choosing one (bench/)
+
+
+class BrokerUnavailable(Exception):
+    """No open connection to RabbitMQ right now (it is being re-established)."""
+
+
+class BrokerListener(Protocol):
+    """Told when the broker connection opens (set up on it) and when it is lost."""
+
+    def on_broker_open(self) -> None: ...
+    def on_broker_lost(self) -> None: ...
+
+
+class Publisher(Protocol):
+    """What the outbox relay publishes through. Each publish raises BrokerUnavailable at once when
+    there is no connection, else returns a future that resolves once the broker confirmed the
+    message (BrokerUnavailable if the connection went first or the broker refused it)."""
+
+    listeners: list[BrokerListener]  # told in order
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def publish_post(
+        self, author_id: int, post_id: int, frame: bytes, created_ms: int
+    ) -> asyncio.Future: ...
+
+    def publish_follow_change(self, user_id: int, author_id: int) -> asyncio.Future: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,9 +93,6 @@ class Fanout(Protocol):
     def is_ready(self) -> bool:
         """Whether attach can succeed now (the broker is connected and set up)."""
 
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until is_ready (asyncio.TimeoutError past the timeout)."""
-
     async def attach(self, subscriber: Subscriber, authors: Iterable[int]) -> None:
         """Subscribe to exactly these authors and to the user's follow changes. Called again
         with the new set after a follow list was re-read and on every on_fanout_ready. Raises
@@ -86,10 +113,6 @@ class Fanout(Protocol):
         """Every subscriber reads what it may have missed from PostgreSQL: live posts were lost
         on the way, and the broker did not say (feed_app/path_check.py found it)."""
 
-    # What metrics and tests read.
+    # What metrics read.
     subscribers: int  # known subscribers
     bindings: int  # bindings in place on the broker
-    channels: int  # AMQP channels the fan-out uses
-
-    def queue_of(self, subscriber: Subscriber) -> str | None:
-        """The queue the subscriber's posts come through (shared in process mode)."""

@@ -9,18 +9,20 @@ that opens and closes at once, or an HTML page, and never gets a queue.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import tornado.iostream
 import tornado.websocket
 
 from feed_app import auth
-from feed_app.handlers import ApiError, JsonErrors, int_argument, parse_id
-from feed_app.sessions import FeedSession
+from feed_app.httpkit import ApiError, JsonErrors, int_argument, parse_id
+from feed_app.sessions import FeedSession, FeedSocket
 from feed_app.wire import MAX_ID, Close
 
 if TYPE_CHECKING:
-    from feed_app.app import Service
+    from feed_app.config import Settings
+    from feed_app.db import Database
+    from feed_app.limits import Limits
 
 WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
 # A browser can send subprotocols but no Authorization header: `new WebSocket(url, ["feed",
@@ -28,6 +30,16 @@ WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
 # server selects "feed", never the token, so the token is not echoed back.
 FEED_PROTOCOL = "feed"
 BEARER_PREFIX = "bearer."
+
+
+class Service(Protocol):
+    """What the feed socket uses of the process's service (app.Service, which wires it)."""
+
+    settings: Settings
+    db: Database
+    limits: Limits
+
+    def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession | None: ...
 
 
 class StrictUtf8Protocol(tornado.websocket.WebSocketProtocol13):

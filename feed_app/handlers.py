@@ -1,27 +1,40 @@
-"""HTTP handlers: JSON in and out, every error as {"error": "..."}."""
+"""HTTP handlers: JSON in and out, every error as {"error": "..."} (feed_app/httpkit.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import decimal
 import json
-import logging
 import pathlib
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import tornado.web
 
 from feed_app import auth
-from feed_app.db import DatabaseUnavailable, UnknownUser
+from feed_app.db import DatabaseUnavailable
+from feed_app.httpkit import (
+    BODY_TOO_LARGE,
+    MAX_BODY,
+    ApiError,
+    JsonErrors,
+    error_body,
+    int_argument,
+    limit_argument,
+    parse_id,
+)
 from feed_app.wire import MAX_ID
 
 if TYPE_CHECKING:
-    from feed_app.app import Service
+    from feed_app.broker import Broker
+    from feed_app.config import Settings
+    from feed_app.db import Database
+    from feed_app.fanout import Fanout
+    from feed_app.limits import Limits
+    from feed_app.metrics import Exporter
+    from feed_app.path_check import PathCheck
+    from feed_app.relay import OutboxRelay
 
-log = logging.getLogger(__name__)
-
-MAX_BODY = 64 * 1024  # request bodies here are a few hundred bytes of JSON
 MAX_POST_LENGTH = 1000
 MAX_NAME_LENGTH = 64
 # Control characters, and the marks that turn text right to left, with which a name can be made
@@ -35,38 +48,17 @@ MAX_FEED_OFFSET = 100
 MAX_SEARCH_LIMIT = 50
 
 
-class ApiError(tornado.web.HTTPError):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message)
-        self.message = message
-        self.headers = headers or {}  # sent with the error (send_error clears earlier ones)
+class Service(Protocol):
+    """What the handlers use of the process's service (app.Service, which wires the handlers)."""
 
-
-def _digits(value: str | None) -> bool:
-    # At most 19 digits before int(): int() refuses (ValueError) past 4300 digits.
-    return value is not None and value.isascii() and value.isdigit() and len(value) <= 19
-
-
-def parse_id(value: str | None, what: str) -> int:
-    """A positive bigint from a path or query string; 400 for anything else."""
-    if not _digits(value) or not 0 < int(value) <= MAX_ID:
-        raise ApiError(400, f"{what} must be a positive integer below 2^63")
-    return int(value)
-
-
-def int_argument(
-    handler: tornado.web.RequestHandler, name: str, default: int, high: int, low: int = 0
-) -> int:
-    """A query argument from low to high; 400 for anything else."""
-    value = handler.get_query_argument(name, str(default))
-    if not (_digits(value) and low <= int(value) <= high):
-        raise ApiError(400, f"{name} must be an integer from {low} to {high}")
-    return int(value)
-
-
-def limit_argument(handler: tornado.web.RequestHandler, default: int, high: int) -> int:
-    """The `limit` query argument, from 1 to high; 400 for anything else."""
-    return int_argument(handler, "limit", default, high, low=1)
+    settings: Settings
+    db: Database
+    limits: Limits
+    relay: OutboxRelay
+    fanout: Fanout
+    broker: Broker
+    path_check: PathCheck
+    exporter: Exporter
 
 
 def _storable(text: str) -> bool:
@@ -83,60 +75,6 @@ def _whole_number(value: decimal.Decimal) -> int | decimal.Decimal:
     agrees). Numbers with a point or exponent are parsed as Decimal, so this is exact."""
     whole = value.is_finite() and abs(value) <= MAX_ID and value == value.to_integral_value()
     return int(value) if whole else value
-
-
-def error_message(status_code: int, exc: BaseException | None, reason: str) -> str:
-    """The text of the {"error"} body for an exception a handler raised (or Tornado did)."""
-    if isinstance(exc, ApiError):
-        return exc.message
-    if isinstance(exc, DatabaseUnavailable):
-        return "database unavailable, try again shortly"
-    if isinstance(exc, UnknownUser):
-        return "the user of this token does not exist"
-    if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code < 500:
-        return exc.log_message % exc.args  # Tornado's own words: "Invalid unicode in q: ..."
-    if status_code < 500:
-        return reason  # Tornado's own refusals: 405, ...
-    return "internal server error"
-
-
-def error_status(status_code: int, exc: BaseException | None) -> int:
-    if isinstance(exc, DatabaseUnavailable):
-        return 503
-    if isinstance(exc, UnknownUser):
-        return 401
-    return status_code
-
-
-class JsonErrors(tornado.web.RequestHandler):
-    """Every error a handler sends, Tornado's own included, is {"error": "..."}."""
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        self.set_status(error_status(status_code, exc))
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        if isinstance(exc, ApiError):
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        if status_code == 405:  # RFC 9110: a 405 lists the methods that are allowed
-            self.set_header("Allow", ", ".join(self.allowed_methods()))
-        self.finish({"error": error_message(status_code, exc, self._reason)})
-
-    @classmethod
-    def allowed_methods(cls) -> list[str]:
-        """The methods this handler implements (Tornado answers the others with 405)."""
-        base = tornado.web.RequestHandler
-        return [
-            method
-            for method in cls.SUPPORTED_METHODS
-            if getattr(cls, method.lower()) is not getattr(base, method.lower())
-        ]
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, DatabaseUnavailable | UnknownUser):
-            log.warning("%s %s: %s", self.request.method, self.request.path, value)
-        else:
-            super().log_exception(typ, value, tb)
 
 
 class StaticPage(JsonErrors, tornado.web.StaticFileHandler):
@@ -158,7 +96,7 @@ class BaseHandler(JsonErrors):
         # A declared Content-Length over the cap is refused before the body is read (app.py);
         # a chunked body is only known once read.
         if len(self.request.body) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+            raise ApiError(413, BODY_TOO_LARGE)
 
     def json_body(self, fields: dict[str, type]) -> dict[str, Any]:
         """The request's JSON object, with each named field present and of its type."""
@@ -336,7 +274,7 @@ class ReadyHandler(BaseHandler):
             problems.append("broker unavailable")
         if problems:
             self.set_status(503)
-            self.finish({"error": "; ".join(problems)})
+            self.finish(error_body("; ".join(problems)))
         else:
             # Which RabbitMQ node this instance uses (host:port), for operators and the tests.
             self.finish(

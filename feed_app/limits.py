@@ -12,48 +12,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import dataclasses
 import ipaddress
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from feed_app.handlers import ApiError
+from feed_app.httpkit import ApiError
 
 if TYPE_CHECKING:
-    from feed_app.config import Settings
+    from feed_app.config import Rate, Settings
     from feed_app.metrics import Metrics
 
 T = TypeVar("T")
-
-_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-_RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(second|minute|hour|day|\d{1,9}(?:\.\d+)?)\s*")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rate:
-    """`count` actions per `period` seconds, in bursts of up to `count`."""
-
-    count: int
-    period: float
-
-    def __str__(self) -> str:
-        words = {seconds: word for word, seconds in _PERIODS.items()}
-        return f"{self.count}/{words.get(self.period, f'{self.period:g}')}"
-
-
-def rate(text: str) -> Rate:
-    """'10/minute', '20/hour', '5/second', or a period in seconds: '30/90'."""
-    match = _RATE.fullmatch(text)
-    if not match:
-        raise ValueError(f"not a rate: {text!r}")
-    count, period = int(match[1]), _PERIODS.get(match[2]) or float(match[2])
-    if count < 1 or period <= 0:
-        raise ValueError(f"not a rate: {text!r}")
-    return Rate(count, period)
 
 
 class LimitExceeded(ApiError):

@@ -3,14 +3,14 @@ its own, and any of them answers a scrape with the sum of all, through prometheu
 multiprocess mode (each process writes its values to mmap'ed files in PROMETHEUS_MULTIPROC_DIR,
 and the answering one merges the files).
 
-The hot paths do not call prometheus_client. A delivery costs about 40 µs of service CPU, and in
-multiprocess mode Counter.inc() and Histogram.observe() take a lock and write the mmap on every
-call: 3-5 µs together per delivery (7-11% of it), against 0.2 µs for a plain attribute increment
-and a bisect (bench/metrics_cost.py; BENCHMARKS.md, "Metrics on the delivery path"). So sessions,
-the relay and the limits count in plain attributes of `Metrics`, and `Exporter` adds what changed
-since its last flush to the prometheus_client metrics every second, and once more in the worker
-that answers a scrape. A scrape shows the other workers' counts as of their last flush, at most a
-second old.
+The hot paths do not call prometheus_client: in multiprocess mode Counter.inc() and
+Histogram.observe() take a lock and write the mmap on every call, which costs a delivery many
+times what a plain attribute increment and a bisect do, and a share of its CPU that would show in
+throughput (bench/metrics_cost.py measures both; BENCHMARKS.md, "Metrics on the delivery path",
+has the figures). So sessions, the relay and the limits count in plain attributes of `Metrics`,
+and `Exporter` adds what changed since its last flush to the prometheus_client metrics every
+second, and once more in the worker that answers a scrape. A scrape shows the other workers'
+counts as of their last flush, at most a second old.
 
 Without PROMETHEUS_MULTIPROC_DIR (the tests' in-process services) each Exporter keeps its values
 in memory and a scrape shows that one process.

@@ -20,8 +20,8 @@ import logging
 import time
 
 from feed_app import wire
-from feed_app.broker import Broker, BrokerUnavailable
 from feed_app.db import Database, DatabaseUnavailable, Post
+from feed_app.fanout import BrokerUnavailable, Publisher
 from feed_app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ DELETE_LINGER = 0.1  # seconds
 
 
 class OutboxRelay:
-    def __init__(self, db: Database, broker: Broker, metrics: Metrics, lease: float) -> None:
+    def __init__(self, db: Database, broker: Publisher, metrics: Metrics, lease: float) -> None:
         self.db = db
         self.broker = broker
         self.metrics = metrics

@@ -30,10 +30,9 @@ from typing import Protocol
 from tornado.websocket import WebSocketClosedError
 
 from feed_app import wire
-from feed_app.broker import BrokerUnavailable
 from feed_app.config import Settings
 from feed_app.db import Database, DatabaseUnavailable, Post
-from feed_app.fanout import Delivery, Fanout
+from feed_app.fanout import BrokerUnavailable, Delivery, Fanout
 from feed_app.metrics import Metrics
 from feed_app.wire import Close
 

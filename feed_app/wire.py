@@ -1,5 +1,6 @@
 """What crosses a wire, defined once: ids, the websocket frames, close codes and their reasons,
-and the RabbitMQ routing that carries posts and follow changes between instances.
+the RabbitMQ routing that carries posts and follow changes between instances, and the names of
+the queues the service declares (each made here, and read back by the same module).
 
 The README documents each of these; clients (static/index.html, bench/) and other instances of the
 service (any version that shares the vhost) depend on them.
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+import re
+import secrets
+import socket
 from typing import Any
 
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints; 1..MAX_ID everywhere (paths, bodies, tokens)
@@ -83,6 +88,7 @@ FOLLOW_CHANGE = "follow-change"  # message type: the user's follow of one author
 # Every process binds a queue of its own to this key and publishes its heartbeats to it: hearing
 # a peer's beats is the proof that posts published through the peer's node reach this process.
 HEARTBEAT_KEY = "feed.heartbeat"
+CONTROL_PREFIX = "control."
 
 
 def author_key(author_id: int) -> str:
@@ -90,11 +96,21 @@ def author_key(author_id: int) -> str:
     return str(author_id)
 
 
+def author_of(key: str) -> int:
+    """The author of an author_key; ValueError for a key that is not one."""
+    return int(key)
+
+
 def control_key(user_id: int) -> str:
     """Routing key of messages about one user's follows, bound for each of the user's sessions.
     The body is the id of the author whose follow changed; receivers read the database for what
     the change was, so two changes that arrive out of order still end in the right state."""
-    return f"control.{user_id}"
+    return f"{CONTROL_PREFIX}{user_id}"
+
+
+def user_of_control_key(key: str) -> int:
+    """The user of a control_key; ValueError for a key that is not one."""
+    return int(key.removeprefix(CONTROL_PREFIX))
 
 
 def heartbeat_body(process: str, beat: int) -> bytes:
@@ -106,3 +122,35 @@ def parse_heartbeat(body: bytes) -> tuple[str, int]:
     """(process, beat) of a heartbeat body; ValueError for anything else."""
     process, beat = body.decode().split(" ")
     return process, int(beat)
+
+
+# --- queue names: exclusive queues, each named anew on every connection (the fan-outs say why) ----
+# Tools that count the service's queues on a shared broker (bench/procstats.py) tell them apart
+# with the patterns below.
+
+_SESSION_TOKEN, _PROCESS_TOKEN, _OVERFLOW_TOKEN = 8, 4, 6  # random bytes; twice as many hex digits
+
+
+def session_queue(user_id: int) -> str:
+    """A feed socket's queue in session mode."""
+    return f"{user_id}.{secrets.token_hex(_SESSION_TOKEN)}"
+
+
+def process_queue() -> str:
+    """This process's queue in process mode."""
+    return f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(_PROCESS_TOKEN)}"
+
+
+def overflow_queue() -> str:
+    """Where the broker dead-letters what overflowed this connection's bounded queues."""
+    return f"feed.overflow.{secrets.token_hex(_OVERFLOW_TOKEN)}"
+
+
+def heartbeat_queue(process: str) -> str:
+    """A process's heartbeat queue (feed_app/broker/heartbeat.py)."""
+    return f"feed.heartbeat.{process}.{secrets.token_hex(_PROCESS_TOKEN)}"
+
+
+# Group 1: the user id of a session queue, the process id of a process queue.
+SESSION_QUEUE = re.compile(rf"^(\d+)\.[0-9a-f]{{{2 * _SESSION_TOKEN}}}$")
+PROCESS_QUEUE = re.compile(rf"^feed\.process\..+\.(\d+)\.[0-9a-f]{{{2 * _PROCESS_TOKEN}}}$")

@@ -17,12 +17,10 @@ import psycopg2
 import pytest
 
 from feed_app.app import Service, make_app
-from feed_app.config import Settings
+from feed_app.config import MODES, Settings, rate
 from feed_app.db import drop_database, prepare_database
-from feed_app.fanout import MODES
-from feed_app.limits import rate
 from tests.faults import ServiceProcess, TcpProxy, endpoint_of, free_port
-from tests.support import Api
+from tests.support import Api, inspect_fanout
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 AMQP_URL = os.environ.get("FEED_AMQP_URL", Settings.amqp_url)
@@ -113,7 +111,7 @@ def settings(db_dsn, fanout_mode) -> Settings:
 @pytest.fixture
 def service(io_loop, settings):
     service = io_loop.run_sync(lambda: Service.create(settings))
-    io_loop.run_sync(lambda: service.fanout.wait_ready(10))
+    io_loop.run_sync(lambda: inspect_fanout(service).wait_ready(10))
     yield service
     io_loop.run_sync(lambda: stop_or_show_what_hangs(service))
 

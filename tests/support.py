@@ -7,7 +7,7 @@ import dataclasses
 import json
 import secrets
 import urllib.parse
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pika
 import pika.exceptions
@@ -15,9 +15,31 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from feed_app.fanout import Subscriber
 from tests import contract
 
 PASSWORD = "correct horse"
+
+
+@runtime_checkable
+class FanoutInspection(Protocol):
+    """What the tests read of a fan-out beyond the seam the service uses (feed_app/fanout.py):
+    both of feed_app/broker/'s fan-outs have it."""
+
+    channels: int  # AMQP channels the fan-out uses
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until is_ready (asyncio.TimeoutError past the timeout)."""
+
+    def queue_of(self, subscriber: Subscriber) -> str | None:
+        """The queue the subscriber's posts come through (shared in process mode)."""
+
+
+def inspect_fanout(service: Any) -> FanoutInspection:
+    """The service's fan-out, for what FanoutInspection reads."""
+    fanout = service.fanout
+    assert isinstance(fanout, FanoutInspection), fanout
+    return fanout
 
 
 @dataclasses.dataclass

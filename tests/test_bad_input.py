@@ -10,7 +10,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from feed_app import auth
-from feed_app.handlers import MAX_BODY
+from feed_app.httpkit import MAX_BODY
 from tests.support import PASSWORD, raw_http, upgrade_request
 
 # The last two: a Unicode digit, and more digits than int() will parse.

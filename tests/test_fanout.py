@@ -5,7 +5,8 @@ import secrets
 
 import pytest
 
-from feed_app.broker import BrokerUnavailable, ProcessFanout, process_fanout
+from feed_app.broker import ProcessFanout, process_fanout
+from feed_app.fanout import BrokerUnavailable
 from feed_app.wire import post_frame
 
 

@@ -8,7 +8,7 @@ import psycopg2
 import pytest
 
 from tests.conftest import AMQP_URL, both_fanout_modes
-from tests.support import wait_queue_gone
+from tests.support import inspect_fanout, wait_queue_gone
 
 pytestmark = both_fanout_modes
 
@@ -107,7 +107,7 @@ async def test_session_queue_is_gone_however_the_socket_ends(api, service):
     for end in ("client close", "connection drop", "client message"):
         feed = await api.open_feed(user)
         [session] = service.sessions
-        queue = service.fanout.queue_of(session)
+        queue = inspect_fanout(service).queue_of(session)
         if end == "client close":
             feed.close()
         elif end == "connection drop":
@@ -131,10 +131,10 @@ async def test_sessions_share_a_few_channels_and_queues_follow_the_mode(api, ser
     queue per socket in session mode, one per process in process mode."""
     users = [await api.new_user() for _ in range(3)]
     feeds = [await api.open_feed(user) for user in users for _ in range(4)]
-    queues = {service.fanout.queue_of(session) for session in service.sessions}
+    queues = {inspect_fanout(service).queue_of(session) for session in service.sessions}
     assert len(feeds) == 12
     assert len(queues) == (12 if service.settings.fanout == "session" else 1)
-    assert service.fanout.channels <= 6
+    assert inspect_fanout(service).channels <= 6
 
 
 @pytest.mark.gen_test(timeout=20)

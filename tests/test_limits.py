@@ -15,7 +15,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from feed_app import auth, feed_socket
-from feed_app.limits import rate
+from feed_app.config import rate
 from tests.conftest import with_settings
 from tests.support import PASSWORD, Api
 from tests.test_session_lifecycle import wait_for

@@ -20,7 +20,8 @@ import pytest
 
 from bench import saturation
 from bench.feedclient import Tracker
-from feed_app.fanout import MODES
+from feed_app.config import MODES
+from feed_app.wire import post_frame
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOADTEST = REPO / "bench" / "loadtest.py"
@@ -61,11 +62,11 @@ def test_tracker_counts_lost_and_duplicated_deliveries() -> None:
     tracker = Tracker()
     record = tracker.new_post(author=0, expected=frozenset({0, 1}), started=0.0)
     tracker.on_http_result(record, 201, None)
-    frame = json.dumps({"type": "post", "post": {"id": 7, "text": tracker.text(0, 40)}})
+    frame = post_frame({"id": 7, "text": tracker.text(0, 40)}).decode()
     tracker.on_post_frame(0, frame, 0.01)
     tracker.on_post_frame(0, frame, 0.02)
     tracker.on_post_frame(2, frame, 0.03)
-    tracker.on_post_frame(0, json.dumps({"type": "post", "post": {"text": "history"}}), 0.04)
+    tracker.on_post_frame(0, post_frame({"text": "history"}).decode(), 0.04)
     assert (tracker.delivered, tracker.duplicated, tracker.unexpected) == (2, 1, 1)
     assert tracker.foreign_frames == 1
     assert tracker.losses(open_sessions={0, 1}) == (1, 0)

@@ -37,7 +37,7 @@ from tests.faults import (
     wait_for_outbox_without,
     with_endpoint,
 )
-from tests.support import Api, Feed, User, wait_queue_gone
+from tests.support import Api, Feed, User, inspect_fanout, wait_queue_gone
 
 pytestmark = both_fanout_modes
 
@@ -124,7 +124,7 @@ async def test_broker_outage_loses_no_post_and_keeps_sockets_open(api, service, 
         assert_exactly_once(ids_of(feed.posts), [before, *during, after, marker], f"feed {n}")
     assert len(service.sessions) == 2
     # The queues of the lost connection are forgotten: only the live ones are watched.
-    live = {service.fanout.queue_of(session) for session in service.sessions}
+    live = {inspect_fanout(service).queue_of(session) for session in service.sessions}
     assert set(service.broker._overflow_handlers) == live
 
 
@@ -385,7 +385,7 @@ async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_
     try:
         await wait_for(lambda: any(s.ready for s in service.sessions), 5, "the session is ready")
         [session] = service.sessions
-        queue = service.fanout.queue_of(session)
+        queue = inspect_fanout(service).queue_of(session)
         stream = session.socket.ws_connection.stream
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
         peak = 0
@@ -423,7 +423,7 @@ async def test_client_that_stops_reading_is_closed_with_4008(api, service, http_
         assert close_code == Close.TOO_SLOW, summary
         assert 0 < peak <= bound, summary  # > 0: the socket really was full
         assert service.metrics.slow_client_closes == closes_before + 1, summary
-        assert session not in service.sessions and service.fanout.queue_of(session) is None
+        assert session not in service.sessions and inspect_fanout(service).queue_of(session) is None
         if service.settings.fanout == "session":
             await wait_queue_gone(AMQP_URL, queue)
     finally:

@@ -4,18 +4,20 @@ resume's pages, ack coalescing, the horizon clock, configuration parsing."""
 import asyncio
 import datetime
 import json
+import os
 import time
 
 import psycopg2
 import pytest
 
+from feed_app import wire
 from feed_app.broker.connection import Channel, NodeList
-from feed_app.config import Settings, parse_settings, redact_url
+from feed_app.config import Rate, Settings, parse_settings, rate, redact_url, trusted_networks
 from feed_app.db import Post, prepare_database
-from feed_app.edge import client_address, trusted_networks
+from feed_app.edge import client_address
 from feed_app.fanout import Delivery
 from feed_app.horizon import HorizonClock
-from feed_app.limits import LimitExceeded, Rate, SlowRefusals, TokenBuckets, address_key, rate
+from feed_app.limits import LimitExceeded, SlowRefusals, TokenBuckets, address_key
 from feed_app.metrics import Metrics
 from feed_app.sessions import FeedSession, SeenPosts
 from feed_app.wire import post_frame
@@ -44,6 +46,19 @@ def test_seen_posts_stays_bounded_by_raising_the_floor(monkeypatch):
     for post_id in (16, 17, 18, 19):  # within keep_for, up to the hard capacity
         assert seen.add(post_id)
     assert len(seen._ids) == 5 and seen.floor == 14
+
+
+def test_queue_names_and_routing_keys_read_back_as_they_were_made():
+    session_queue = wire.SESSION_QUEUE.match(wire.session_queue(42))
+    assert session_queue and session_queue[1] == "42"
+    process_queue = wire.PROCESS_QUEUE.match(wire.process_queue())
+    assert process_queue and process_queue[1] == str(os.getpid())
+    assert not wire.SESSION_QUEUE.match(wire.overflow_queue())
+    assert not wire.PROCESS_QUEUE.match(wire.overflow_queue())
+    assert wire.author_of(wire.author_key(7)) == 7
+    assert wire.user_of_control_key(wire.control_key(9)) == 9
+    with pytest.raises(ValueError):
+        wire.author_of(wire.control_key(9))
 
 
 def test_settings_come_from_environment_then_command_line():

@@ -29,9 +29,8 @@ import collections
 import enum
 import logging
 import random
-import secrets
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import pika
 import pika.channel
@@ -42,15 +41,12 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from feed_app import wire
 from feed_app.broker import messages
 from feed_app.config import redact_url
+from feed_app.fanout import BrokerListener, BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
 ACKED_ALONE_COMPACTION = 4096
-
-
-class BrokerUnavailable(Exception):
-    """No open connection to RabbitMQ right now (it is being re-established)."""
 
 
 # What a set-up step on a connection can fail with: the connection or channel went away, the
@@ -64,11 +60,6 @@ class State(enum.Enum):
     OPEN = "open"
     WAITING = "waiting"
     CLOSING = "closing"
-
-
-class BrokerListener(Protocol):
-    def on_broker_open(self) -> None: ...
-    def on_broker_lost(self) -> None: ...
 
 
 class Channel:
@@ -462,7 +453,7 @@ class Broker:
         self._overflow_handlers.pop(queue, None)
 
     async def _declare_overflow_queue(self, channel: Channel) -> None:
-        self.overflow_queue = f"feed.overflow.{secrets.token_hex(6)}"
+        self.overflow_queue = wire.overflow_queue()
         await channel.call(
             channel.pika.queue_declare,
             self.overflow_queue,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from typing import Any, Protocol
 
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -70,7 +69,7 @@ class HeartbeatLink:
     async def _set_up(self, connection: AsyncioConnection) -> None:
         # A new name on every connection: the broker may still hold the last one's exclusive
         # queue for a heartbeat or two after this side lost it (RESOURCE_LOCKED otherwise).
-        queue = f"feed.heartbeat.{self.process}.{secrets.token_hex(4)}"
+        queue = wire.heartbeat_queue(self.process)
         arguments = {"x-max-length": QUEUE_MAX, "x-expires": QUEUE_EXPIRES_MS}
         try:
             channel = await self.broker.open_channel(connection)

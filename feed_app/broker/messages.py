@@ -41,14 +41,15 @@ def decode(method: Any, properties: Any, body: bytes) -> Delivery | FollowChange
     vhost. Raising instead would make pika drop the whole connection, and every session on it."""
     try:
         if properties.type == wire.FOLLOW_CHANGE:
-            user_id = int(method.routing_key.removeprefix("control."))
+            user_id = wire.user_of_control_key(method.routing_key)
             return FollowChange(user_id, int(body))
         if wire.frame_type(body) != "post":
             raise ValueError("the body is not a post frame")  # it would go to browsers as is
         created_ms = (properties.headers or {}).get("created_ms")
         if not isinstance(created_ms, int) or isinstance(created_ms, bool):
             created_ms = None  # only for the latency histogram: a post without it is still a post
-        return Delivery(int(properties.message_id), int(method.routing_key), body, created_ms)
+        author_id = wire.author_of(method.routing_key)
+        return Delivery(int(properties.message_id), author_id, body, created_ms)
     except (TypeError, ValueError):
         log.warning("dropping a malformed message: %r %r", method.routing_key, properties)
         return None

@@ -24,9 +24,6 @@ import collections
 import functools
 import logging
 import math
-import os
-import secrets
-import socket
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,9 +31,9 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import AMQP_FAILURES, Broker, BrokerUnavailable, Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
 from feed_app.broker.fanout_base import BrokerFanout
-from feed_app.fanout import Subscriber
+from feed_app.fanout import BrokerUnavailable, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +90,7 @@ class ProcessFanout(BrokerFanout):
         # A new name each time: after a connection is lost on this side only, the broker keeps
         # the old exclusive queue until it notices (a heartbeat or two), and declaring that name
         # again would fail with RESOURCE_LOCKED.
-        self.queue = f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+        self.queue = wire.process_queue()
         try:
             channel = await self.broker.open_channel(connection, prefetch=PREFETCH)
             setup = await self.broker.open_channel(connection)

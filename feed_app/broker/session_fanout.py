@@ -12,7 +12,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,9 +20,9 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import AMQP_FAILURES, Broker, BrokerUnavailable, Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
 from feed_app.broker.fanout_base import BrokerFanout
-from feed_app.fanout import Subscriber
+from feed_app.fanout import BrokerUnavailable, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class SessionQueue:
 
     def _new_name(self) -> str:
         assert self.subscriber is not None
-        return f"{self.subscriber.user_id}.{secrets.token_hex(8)}"
+        return wire.session_queue(self.subscriber.user_id)
 
     def lost(self) -> None:
         """The exclusive queue died with the connection. The next one gets a new name: after a

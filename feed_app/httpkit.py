@@ -1,0 +1,112 @@
+"""What every HTTP handler of the service shares: errors as JSON bodies ({"error": "..."}, built
+once here for the handlers and for the edge), the cap on request bodies, and the parsing of ids
+and integer arguments from paths and query strings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tornado.escape
+import tornado.web
+
+from feed_app.db import DatabaseUnavailable, UnknownUser
+from feed_app.wire import MAX_ID
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024  # request bodies here are a few hundred bytes of JSON
+BODY_TOO_LARGE = f"request body over {MAX_BODY} bytes"
+
+
+def error_body(message: str) -> bytes:
+    """The body of every error the service answers with."""
+    return tornado.escape.utf8(tornado.escape.json_encode({"error": message}))
+
+
+class ApiError(tornado.web.HTTPError):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message)
+        self.message = message
+        self.headers = headers or {}  # sent with the error (send_error clears earlier ones)
+
+
+def _digits(value: str | None) -> bool:
+    # At most 19 digits before int(): int() refuses (ValueError) past 4300 digits.
+    return value is not None and value.isascii() and value.isdigit() and len(value) <= 19
+
+
+def parse_id(value: str | None, what: str) -> int:
+    """A positive bigint from a path or query string; 400 for anything else."""
+    if not _digits(value) or not 0 < int(value) <= MAX_ID:
+        raise ApiError(400, f"{what} must be a positive integer below 2^63")
+    return int(value)
+
+
+def int_argument(
+    handler: tornado.web.RequestHandler, name: str, default: int, high: int, low: int = 0
+) -> int:
+    """A query argument from low to high; 400 for anything else."""
+    value = handler.get_query_argument(name, str(default))
+    if not (_digits(value) and low <= int(value) <= high):
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}")
+    return int(value)
+
+
+def limit_argument(handler: tornado.web.RequestHandler, default: int, high: int) -> int:
+    """The `limit` query argument, from 1 to high; 400 for anything else."""
+    return int_argument(handler, "limit", default, high, low=1)
+
+
+def error_message(status_code: int, exc: BaseException | None, reason: str) -> str:
+    """The text of the {"error"} body for an exception a handler raised (or Tornado did)."""
+    if isinstance(exc, ApiError):
+        return exc.message
+    if isinstance(exc, DatabaseUnavailable):
+        return "database unavailable, try again shortly"
+    if isinstance(exc, UnknownUser):
+        return "the user of this token does not exist"
+    if isinstance(exc, tornado.web.HTTPError) and exc.log_message and status_code < 500:
+        return exc.log_message % exc.args  # Tornado's own words: "Invalid unicode in q: ..."
+    if status_code < 500:
+        return reason  # Tornado's own refusals: 405, ...
+    return "internal server error"
+
+
+def error_status(status_code: int, exc: BaseException | None) -> int:
+    if isinstance(exc, DatabaseUnavailable):
+        return 503
+    if isinstance(exc, UnknownUser):
+        return 401
+    return status_code
+
+
+class JsonErrors(tornado.web.RequestHandler):
+    """Every error a handler sends, Tornado's own included, is {"error": "..."}."""
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_status(error_status(status_code, exc))
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        if isinstance(exc, ApiError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        if status_code == 405:  # RFC 9110: a 405 lists the methods that are allowed
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        self.finish(error_body(error_message(status_code, exc, self._reason)))
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this handler implements (Tornado answers the others with 405)."""
+        base = tornado.web.RequestHandler
+        return [
+            method
+            for method in cls.SUPPORTED_METHODS
+            if getattr(cls, method.lower()) is not getattr(base, method.lower())
+        ]
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, DatabaseUnavailable | UnknownUser):
+            log.warning("%s %s: %s", self.request.method, self.request.path, value)
+        else:
+            super().log_exception(typ, value, tb)
