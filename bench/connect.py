@@ -37,10 +37,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tornado.websocket import websocket_connect
 
-from bench.ceilings import call, open_channel, open_connection
-from bench.feedclient import ratio, summarize
-from bench.population import Population, seed_database
-from bench.processes import REPO, own_service, stop_all
+from bench.lib.ceilings import call, open_channel, open_connection
+from bench.lib.feedclient import ratio, summarize
+from bench.lib.population import Population, seed_database
+from bench.lib.processes import REPO, own_service, stop_all
 from feed_app.auth import issue_token
 from feed_app.config import Settings
 from feed_app.fanout import MODES

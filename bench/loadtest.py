@@ -15,7 +15,7 @@ What a run does, in order, for each fan-out mode (--fanout session|process, or b
  4. posts R posts/s for T seconds (POST /post/create) with tagged texts, and records for every
     post which open sessions must receive it, then which did, when, and how often; with
     --saturate, steps of T seconds at rising rates instead, until one is not held (see
-    bench/saturation.py), then T seconds at half the highest rate held;
+    bench/lib/saturation.py), then T seconds at half the highest rate held;
  5. drains for a few seconds, then reports latency, throughput, LOST and DUPLICATED deliveries,
     errors, service/RabbitMQ CPU and memory, and the run's queues and bindings in RabbitMQ;
  6. stops the service.
@@ -45,10 +45,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import psycopg2
 from tornado.httpclient import AsyncHTTPClient
 
-from bench import ceilings, compare, report
-from bench.population import build_population
-from bench.processes import REPO, stop_all
-from bench.service_run import ServiceRun, phase_authors
+from bench.lib import ceilings, compare, report
+from bench.lib.population import build_population
+from bench.lib.processes import REPO, stop_all
+from bench.lib.service_run import ServiceRun, phase_authors
 from feed_app.config import redact_url, setting_assignment
 from feed_app.fanout import MODES
 

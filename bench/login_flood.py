@@ -34,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tornado.httpclient import AsyncHTTPClient
 
 from bench.delivery_delay import delays, describe, new_user, open_follower
-from bench.processes import own_service
+from bench.lib.processes import own_service
 from feed_app.config import setting_assignment
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ Starts the service (one process, run.py --fanout MODE, the load test's raised li
 load test's population (U users following F authors each, Zipf popularity) and opens N sockets
 spread over those users, in steps: up to each --at count, then up to N. After each step, and
 before the first, it waits --settle seconds and reads the service's RSS, the broker's RSS and
-memory breakdown, and the run's queues and bindings (bench/procstats.py). Nothing is posted: this
-measures what an idle socket costs.
+memory breakdown, and the run's queues and bindings (bench/lib/procstats.py). Nothing is
+posted: this measures what an idle socket costs.
 
 The sockets are held by client processes (bench/socket_holder.py), --per-client each, every one
 from an address of its own (127.0.0.2, .3, ...): a process can hold only as many sockets as its
@@ -36,11 +36,11 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.feedclient import ratio
-from bench.population import Population, build_population, seed_database
-from bench.processes import REPO, own_service, stop_all
-from bench.procstats import processes_named, rabbitmq_snapshot, rss_bytes
-from bench.service_run import TOKEN_TTL, UNLIMITED
+from bench.lib.feedclient import ratio
+from bench.lib.population import Population, build_population, seed_database
+from bench.lib.processes import REPO, own_service, stop_all
+from bench.lib.procstats import processes_named, rabbitmq_snapshot, rss_bytes
+from bench.lib.service_run import TOKEN_TTL, UNLIMITED
 from feed_app.auth import issue_token
 from feed_app.config import Settings
 from feed_app.fanout import MODES

@@ -33,9 +33,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from bench.lib.processes import ManagedProcess, free_port, stop_all, wait_ready
+from bench.lib.service_run import UNLIMITED
 from bench.loadtest import DEFAULT_AMQP
-from bench.processes import ManagedProcess, free_port, stop_all, wait_ready
-from bench.service_run import UNLIMITED
 from feed_app.auth import issue_token
 from feed_app.db import drop_database
 

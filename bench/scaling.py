@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.service_run import UNLIMITED
+from bench.lib.service_run import UNLIMITED
 from deploy.cluster import ROOT, Cluster, Ports
 
 RESULTS = ROOT / "bench" / "results"

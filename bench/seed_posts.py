@@ -34,7 +34,7 @@ import psycopg2.extensions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.population import BENCH_PASSWORD, build_follow_graph, zipf_cum_weights
+from bench.lib.population import BENCH_PASSWORD, build_follow_graph, zipf_cum_weights
 from feed_app.auth import hash_password_sync
 from feed_app.db import drop_database, prepare_database
 

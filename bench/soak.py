@@ -10,7 +10,7 @@ What a run does, in order:
  1. starts the service (run.py on a free port, database feed_soak, --fanout and --service-arg
     passed on) and waits for /readyz; or, with --url, uses one that is already running
     (--service-pid gives its memory and file descriptors);
- 2. seeds U users following F authors each, in a fresh id range (bench/population.py);
+ 2. seeds U users following F authors each, in a fresh id range (bench/lib/population.py);
  3. runs cycles at --rate per second, at most --concurrency at a time: a client opens a feed
     websocket as the next user, waits for `ready`, holds it --hold seconds, closes it and waits
     for the server's close frame. Every --hangup-every-th cycle instead sends a valid upgrade
@@ -60,11 +60,10 @@ import psycopg2.extensions
 import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from bench.feedclient import summarize
-from bench.loadtest import DEFAULT_AMQP, RESULTS_DIR, raise_fd_limit
-from bench.population import build_population, seed_database
-from bench.processes import scan_log, start_service, stop_all, wait_ready
-from bench.procstats import (
+from bench.lib.feedclient import summarize
+from bench.lib.population import build_population, seed_database
+from bench.lib.processes import scan_log, start_service, stop_all, wait_ready
+from bench.lib.procstats import (
     broker_pid,
     connections_to_port,
     open_fds,
@@ -72,8 +71,9 @@ from bench.procstats import (
     queue_counts,
     rss_bytes,
 )
-from bench.report import write_json
-from bench.service_run import Target
+from bench.lib.report import write_json
+from bench.lib.service_run import Target
+from bench.loadtest import DEFAULT_AMQP, RESULTS_DIR, raise_fd_limit
 from feed_app.auth import issue_token
 from feed_app.config import DEV_JWT_SECRET, redact_url
 

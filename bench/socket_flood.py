@@ -28,7 +28,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from bench.delivery_delay import new_user
-from bench.processes import own_service
+from bench.lib.processes import own_service
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -18,12 +18,12 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from bench import report, saturation
-from bench.feedclient import FeedClient, Tracker, open_clients, ratio, summarize
-from bench.population import Population, choose_authors, seed_database
-from bench.posting import Plan, PostingPhase, Service
-from bench.processes import ManagedProcess, scan_log, start_service, wait_ready
-from bench.procstats import CpuMeter, descendants, processes_named, rabbitmq_snapshot, rss_bytes
+from bench.lib import report, saturation
+from bench.lib.feedclient import FeedClient, Tracker, open_clients, ratio, summarize
+from bench.lib.population import Population, choose_authors, seed_database
+from bench.lib.posting import Plan, PostingPhase, Service
+from bench.lib.processes import ManagedProcess, scan_log, start_service, wait_ready
+from bench.lib.procstats import CpuMeter, descendants, processes_named, rabbitmq_snapshot, rss_bytes
 from feed_app.auth import issue_token
 from feed_app.config import DEV_JWT_SECRET
 

@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Sequence
 import psycopg2
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from bench.procstats import descendants
+from bench.lib.procstats import descendants
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 _RUNNING: list[ManagedProcess] = []
 
 

@@ -28,13 +28,13 @@ import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
 from tornado.httpclient import AsyncHTTPClient
 
-from bench.feedclient import FeedClient, Tracker, open_clients
-from bench.population import Population
-from bench.processes import ManagedProcess, free_port, wait_ready
+from bench.lib.feedclient import FeedClient, Tracker, open_clients
+from bench.lib.population import Population
+from bench.lib.processes import ManagedProcess, free_port, wait_ready
 from feed_app import wire
 from feed_app.config import Settings
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
+BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent
 
 
 # A burst shorter than a second measures start-up more than throughput: the run's posts are
