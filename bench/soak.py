@@ -3,13 +3,13 @@
     .venv/bin/python bench/soak.py                   # 20,000 open/close cycles at 50/s (~8 min)
     .venv/bin/python bench/soak.py --smoke           # 300 cycles (~25 s); the test suite runs it
     .venv/bin/python bench/soak.py --duration 600 --rate 40 --hangup-every 20
-    .venv/bin/python bench/soak.py --url http://127.0.0.1:8888 --service-pid 1234 \\
+    .venv/bin/python bench/soak.py --url http://127.0.0.1:8888 --service-pids 1234 \\
         --db-dsn postgresql://127.0.0.1:5432/feed --jwt-secret "$FEED_JWT_SECRET"
 
 What a run does, in order:
- 1. starts the service (run.py on a free port, database feed_soak, --fanout and --service-arg
-    passed on) and waits for /readyz; or, with --url, uses one that is already running
-    (--service-pid gives its memory and file descriptors);
+ 1. starts the service (run.py on a free port, database feed_bench, --fanout, --service-env
+    and --service-arg passed on) and waits for /readyz; or, with --url, uses one that is
+    already running (--service-pids gives its memory and file descriptors);
  2. seeds U users following F authors each, in a fresh id range (bench/lib/population.py);
  3. runs cycles at --rate per second, at most --concurrency at a time: a client opens a feed
     websocket as the next user, waits for `ready`, holds it --hold seconds, closes it and waits
@@ -39,9 +39,7 @@ import argparse
 import asyncio
 import base64
 import collections
-import datetime
 import json
-import os
 import pathlib
 import secrets
 import socket
@@ -60,9 +58,10 @@ import psycopg2.extensions
 import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from bench.lib import options
 from bench.lib.feedclient import summarize
 from bench.lib.population import build_population, seed_database
-from bench.lib.processes import scan_log, start_service, stop_all, wait_ready
+from bench.lib.processes import run_tool, scan_log
 from bench.lib.procstats import (
     broker_pid,
     connections_to_port,
@@ -72,14 +71,9 @@ from bench.lib.procstats import (
     rss_bytes,
 )
 from bench.lib.report import write_json
-from bench.lib.service_run import Target
-from bench.loadtest import DEFAULT_AMQP, RESULTS_DIR, raise_fd_limit
-from feed_app.auth import issue_token
-from feed_app.config import DEV_JWT_SECRET, redact_url
+from bench.lib.service import Target, attach, start_service
+from feed_app.fanout import MODES
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_DSN = "postgresql://127.0.0.1:5432/feed_soak"
-TOKEN_TTL = 24 * 3600
 HANGUP_MODES = ("fin", "rst", "shutdown")
 MAX_FAILED_SHARE = 0.01
 SETTLE_SECONDS = 10.0  # at most, between the warm-up and the baseline
@@ -144,35 +138,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-rss-growth-mb", type=float, default=5.0, help="RSS growth target [5]")
     add("--fd-tolerance", type=int, default=3, help="fds the service may gain [3]")
 
-    target = parser.add_argument_group("service under test")
+    target = options.service_options(parser)
     add = target.add_argument
-    add(
-        "--db-dsn",
-        default=os.environ.get("FEED_SOAK_DB_DSN", DEFAULT_DSN),
-        help=f"database (FEED_SOAK_DB_DSN) [{DEFAULT_DSN}]",
-    )
-    add(
-        "--amqp-url",
-        default=os.environ.get("FEED_AMQP_URL", DEFAULT_AMQP),
-        help="RabbitMQ URL of the spawned service (FEED_AMQP_URL)",
-    )
-    add("--fanout", help="run.py --fanout (session or process)")
+    add("--fanout", choices=MODES, help="run.py --fanout [the service's default]")
     add(
         "--service-arg",
         action="append",
         default=[],
         help="an extra argument for run.py (repeatable), e.g. --service-arg=--prefetch=32",
     )
-    add("--url", help="soak an already running instance; --db-dsn must be its database")
-    add("--service-pid", type=int, help="with --url: its pid, for RSS and fds")
-    add("--jwt-secret", help="with --url: its FEED_JWT_SECRET [$FEED_JWT_SECRET, else dev]")
+    options.running_service_options(target)
 
     run = parser.add_argument_group("run")
     add = run.add_argument
     add("--smoke", action="store_true", help="short run for the test suite; RSS not checked")
-    add("--json", type=pathlib.Path, help="results file [bench/results/soak-<time>.json]")
-    add("--chart", type=pathlib.Path, help="chart file [next to the JSON, .png]")
-    add("--no-chart", action="store_true", help="do not draw the chart")
+    options.output_options(run, "soak", chart=True)
     add("--quiet", action="store_true", help="no progress lines")
 
     args = parser.parse_args(argv)
@@ -187,8 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need --rate > 0, --concurrency >= 1, --users >= 2, --hangup-every >= 0")
     if planned <= args.warmup:
         parser.error(f"{planned} cycles leave nothing after the warm-up of {args.warmup}")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.json = args.json or RESULTS_DIR / f"soak-{stamp}.json"
+    if len(args.url) > 1:
+        parser.error("one --url: the soak reads one instance's sessions, memory and fds")
     args.chart = args.chart or args.json.with_suffix(".png")
     return args
 
@@ -202,7 +182,6 @@ class Soak:
             args.users, args.follows, args.users, args.zipf, args.seed
         )
         self.target: Target | None = None
-        self.tokens: dict[int, str] = {}
         self.log_path = args.json.with_suffix(".service.log")
         self.db_port = int(psycopg2.extensions.parse_dsn(args.db_dsn).get("port", 5432))
         self.broker_pids: list[int] = []
@@ -258,15 +237,11 @@ class Soak:
     async def start_target(self) -> Target:
         args = self.args
         if args.url:
-            url = args.url.rstrip("/")
-            secret = args.jwt_secret or os.environ.get("FEED_JWT_SECRET") or DEV_JWT_SECRET
-            await wait_ready(url, 10)
-            roots = [args.service_pid] if args.service_pid else []
-            return Target([url], secret, pid_roots=roots)
+            return await attach(args)
         extra = [*(["--fanout", args.fanout] if args.fanout else []), *args.service_arg]
         self.say(f"starting the service: run.py {' '.join(extra)}".rstrip())
-        service = await start_service(args.db_dsn, args.amqp_url, {}, self.log_path, extra)
-        return Target([service.url], service.jwt_secret, process=service.process)
+        settings = dict(args.service_env)
+        return await start_service(args.db_dsn, args.amqp_url, settings, self.log_path, extra)
 
     async def seed(self) -> None:
         base = await asyncio.to_thread(
@@ -345,10 +320,7 @@ class Soak:
             self.cycles_done += 1
 
     def feed_url(self, user: int) -> str:
-        user_id = self.population.user_id(user)
-        if user not in self.tokens:
-            self.tokens[user] = issue_token(user_id, self.target.jwt_secret, TOKEN_TTL)
-        return self.target.websocket_url(0, user_id, self.tokens[user])
+        return self.target.feed_url(self.population.user_id(user))
 
     async def open_and_close(self, user: int) -> None:
         timeout = self.args.timeout
@@ -436,7 +408,7 @@ class Soak:
         """feed_open_sessions from the service's /metrics; None if it did not answer."""
         try:
             response = await AsyncHTTPClient().fetch(
-                f"{self.target.urls[0]}/metrics", request_timeout=5
+                f"{self.target.url}/metrics", request_timeout=5
             )
         except (HTTPClientError, OSError):
             return None
@@ -494,7 +466,7 @@ class Soak:
         measured = _measured(self.samples)
         sessions_left = _minus(final["open_sessions"], first["open_sessions"])
         return {
-            "config": self.config(),
+            "config": options.recorded(self.args),
             "cycles": self.cycles_done,
             "warmup_cycles": self.args.warmup,
             "sessions_ready": len(self.ready_seconds),
@@ -523,17 +495,6 @@ class Soak:
             ),
             "samples": self.samples,
         }
-
-    def config(self) -> dict[str, Any]:
-        """The options of the run, without secrets."""
-        config = {
-            key: str(value) if isinstance(value, pathlib.Path) else value
-            for key, value in vars(self.args).items()
-        }
-        config["jwt_secret"] = "(set)" if config["jwt_secret"] else None
-        config["amqp_url"] = redact_url(config["amqp_url"])
-        config["db_dsn"] = redact_url(config["db_dsn"])
-        return config
 
 
 def _other_fds(sample: dict[str, Any]) -> int | None:
@@ -695,17 +656,7 @@ def write_chart(results: dict[str, Any], path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raise_fd_limit()
-    try:
-        results = asyncio.run(Soak(args).run())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, ValueError, psycopg2.Error) as exc:
-        print(f"soak failed: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        stop_all()
+    results = run_tool(Soak(args).run(), "soak")
     code, missed = verdict(results, args)
     results["missed"] = missed
     print_summary(results)
