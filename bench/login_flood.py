@@ -31,13 +31,12 @@ from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tornado.httpclient import AsyncHTTPClient
 
 from bench.lib import options
 from bench.lib.api import delays, describe, new_user, open_follower
 from bench.lib.options import RESULTS_DIR
 from bench.lib.processes import run_tool
-from bench.lib.service import UNLIMITED, own_service
+from bench.lib.service import UNLIMITED, own_service, read_metrics
 
 
 async def guess(host: str, port: int, victim: int, until: float, answers: Counter) -> None:
@@ -68,8 +67,10 @@ async def flood(url: str, victim: int, loops: int, seconds: float) -> None:
 
 
 async def metric(url: str, name: str) -> float:
-    text = (await AsyncHTTPClient().fetch(url + "/metrics")).body.decode()
-    return float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+    values = await read_metrics(url, (name,))
+    if values is None or name not in values:
+        raise RuntimeError(f"{url}/metrics did not give {name}")
+    return values[name]
 
 
 async def measure(url: str, args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg2.extensions
 import tornado.websocket
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from bench.lib import options
 from bench.lib.feedclient import summarize
@@ -33,7 +33,7 @@ from bench.lib.procstats import (
     queue_counts,
     rss_bytes,
 )
-from bench.lib.service import Target, attach, start_service
+from bench.lib.service import Target, attach, read_metrics, start_service
 
 HANGUP_MODES = ("fin", "rst", "shutdown")
 SETTLE_SECONDS = 10.0  # at most, between the warm-up and the baseline
@@ -272,17 +272,9 @@ class Soak:
 
     async def open_sessions(self) -> int | None:
         """feed_open_sessions from the service's /metrics; None if it did not answer."""
-        try:
-            response = await AsyncHTTPClient().fetch(
-                f"{self.target.url}/metrics", request_timeout=5
-            )
-        except (HTTPClientError, OSError):
-            return None
-        for line in response.body.decode().splitlines():
-            name, _, value = line.partition(" ")
-            if name == "feed_open_sessions":
-                return int(float(value))
-        return None
+        values = await read_metrics(self.target.url, ("feed_open_sessions",))
+        found = (values or {}).get("feed_open_sessions")
+        return None if found is None else int(found)
 
     async def sample(self, phase: str | None = None) -> dict[str, Any]:
         """One reading of everything; `phase` names it, else the phase the run is in once the

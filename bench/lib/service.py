@@ -11,9 +11,10 @@ import os
 import pathlib
 import secrets
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 
 import psycopg2
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from bench.lib.population import random_id_floor
 from bench.lib.processes import REPO, ManagedProcess, wait_ready
@@ -66,6 +67,20 @@ class Target:
         """The feed socket of a user, on the instance `index` picks round-robin."""
         base = self.urls[index % len(self.urls)].replace("http", "ws", 1)
         return f"{base}/post/feed/{user_id}?token={self.token(user_id)}"
+
+
+async def read_metrics(url: str, names: Collection[str]) -> dict[str, float] | None:
+    """These metrics (unlabelled) from an instance's /metrics; None if it did not answer."""
+    try:
+        response = await AsyncHTTPClient().fetch(f"{url}/metrics", request_timeout=5)
+    except (HTTPClientError, OSError):
+        return None
+    values = {}
+    for line in response.body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[name] = float(value)
+    return values
 
 
 async def attach(args: argparse.Namespace) -> Target:

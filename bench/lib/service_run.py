@@ -14,15 +14,13 @@ import random
 import time
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-
 from bench.lib import report, saturation
 from bench.lib.feedclient import FeedClient, Tracker, open_clients, ratio, summarize
 from bench.lib.population import Population, choose_authors, seed_database
 from bench.lib.posting import Plan, PostingPhase, Service
 from bench.lib.processes import scan_log
 from bench.lib.procstats import CpuMeter, processes_named, rabbitmq_snapshot, rss_bytes
-from bench.lib.service import UNLIMITED, Target, attach, start_service
+from bench.lib.service import UNLIMITED, Target, attach, read_metrics, start_service
 
 SERVICE_METRICS = (
     "feed_deliveries_total",
@@ -216,16 +214,9 @@ class ServiceRun:
         """The service's own counters (one process per URL answers), to compare with ours."""
         found = []
         for url in self.target.urls:
-            try:
-                response = await AsyncHTTPClient().fetch(f"{url}/metrics", request_timeout=5)
-            except (HTTPClientError, OSError):
-                continue
-            values = {}
-            for line in response.body.decode().splitlines():
-                name, _, value = line.partition(" ")
-                if name in SERVICE_METRICS:
-                    values[name] = float(value)
-            found.append(values)
+            values = await read_metrics(url, SERVICE_METRICS)
+            if values is not None:
+                found.append(values)
         return found
 
     def snapshot_memory(self) -> dict[str, int]:
