@@ -1,1 +1,1 @@
-"""Load-test and benchmark tooling for the feed service (entry point: bench/loadtest.py)."""
+"""Benchmark tools for the feed service: entry points in bench/*.py, built from bench/lib/."""

@@ -24,7 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tornado.websocket import websocket_connect
 
-from bench.delivery_delay import call, new_user
+from bench.lib.api import call, follower_feed
+from feed_app.config import Settings
 
 
 class Session:
@@ -53,10 +54,8 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, capture_output=True)
 
 
-async def main(base: str, restarts: int, interval: float) -> int:
-    (author, author_token), (follower, follower_token) = await new_user(base), await new_user(base)
-    await call(base, "PUT", f"/friend/set/{author}", token=follower_token)
-    ws_url = base.replace("http", "ws", 1) + f"/post/feed/{follower}?token={follower_token}"
+async def measure(base: str, restarts: int, interval: float) -> int:
+    author_token, ws_url = await follower_feed(base)
     sessions = [Session(), Session()]
     readers = []
     for session in sessions:
@@ -96,12 +95,16 @@ async def main(base: str, restarts: int, interval: float) -> int:
     return 1 if lost or duplicated else 0
 
 
-if __name__ == "__main__":
+def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default="http://127.0.0.1:8888")
+    parser.add_argument("--url", default=f"http://{Settings.host}:{Settings.port}")
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between posts")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.url, args.restarts, args.interval)))
+    return asyncio.run(measure(args.url, args.restarts, args.interval))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
 import pathlib
 import secrets
 import sys
@@ -37,13 +35,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tornado.websocket import websocket_connect
 
-from bench.ceilings import call, open_channel, open_connection
-from bench.feedclient import ratio, summarize
-from bench.population import Population, seed_database
-from bench.processes import REPO, own_service, stop_all
-from feed_app.auth import issue_token
-from feed_app.config import Settings
-from feed_app.fanout import MODES
+from bench.lib import options
+from bench.lib.amqp import call, open_channel, open_connection
+from bench.lib.feedclient import ratio, summarize
+from bench.lib.options import RESULTS_DIR
+from bench.lib.population import Population, seed_database
+from bench.lib.processes import run_tool
+from bench.lib.service import Target, own_service
+from feed_app.config import MODES
 from feed_app.wire import frame_type
 
 CASES = ("bound", "new")
@@ -65,11 +64,6 @@ def connect_population(follows: int, connects: int) -> Population:
     )
 
 
-def feed_url(service_url: str, user_id: int, secret: str) -> str:
-    base = service_url.replace("http", "ws", 1)
-    return f"{base}/post/feed/{user_id}?token={issue_token(user_id, secret, 600)}"
-
-
 async def open_until_ready(url: str) -> Any:
     ws = await websocket_connect(url)
     while frame_type(await asyncio.wait_for(ws.read_message(), 60)) != "ready":
@@ -78,11 +72,11 @@ async def open_until_ready(url: str) -> Any:
 
 
 async def time_connects(
-    url: str, population: Population, users: range, secret: str, gap: float
+    service: Target, population: Population, users: range, gap: float
 ) -> list[float]:
     times = []
     for user in users:
-        ws_url = feed_url(url, population.user_id(user), secret)
+        ws_url = service.feed_url(population.user_id(user))
         started = time.perf_counter()
         ws = await open_until_ready(ws_url)
         times.append(time.perf_counter() - started)
@@ -93,22 +87,18 @@ async def time_connects(
 
 async def time_mode(args: argparse.Namespace, mode: str, follows: int) -> dict[str, Any]:
     """The service in this mode, on users seeded afresh (run.py creates the database)."""
-    secret = secrets.token_hex(16)
-    log = REPO / "bench" / "results" / f"connect-{follows}.{mode}.service.log"
-    settings = {"FEED_FANOUT": mode, "FEED_JWT_SECRET": secret}
+    log = RESULTS_DIR / f"connect-{follows}.{mode}.service.log"
+    settings = {**dict(args.service_env), "FEED_FANOUT": mode}
     async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
-        url = service.url
         population = connect_population(follows, args.connects)
         await asyncio.to_thread(seed_database, args.db_dsn, population, truncate=True)
-        holder = await open_until_ready(feed_url(url, population.user_id(0), secret))
+        holder = await open_until_ready(service.feed_url(population.user_id(0)))
         try:
-            bound = await time_connects(
-                url, population, range(1, args.connects + 1), secret, args.gap
-            )
+            bound = await time_connects(service, population, range(1, args.connects + 1), args.gap)
         finally:
             holder.close()
         new = await time_connects(
-            url, population, range(args.connects + 1, 2 * args.connects + 1), secret, args.gap
+            service, population, range(args.connects + 1, 2 * args.connects + 1), args.gap
         )
     return {"bound": summarize(bound), "new": summarize(new)}
 
@@ -172,13 +162,9 @@ def parse_args() -> argparse.Namespace:
     add("--follows", type=int, action="append", help="N (repeatable) [500, 5000]")
     add("--connects", type=int, default=30, help="sockets timed per case, mode and N [30]")
     add("--gap", type=float, default=1.0, help="seconds between sockets [1]")
-    add("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench")
-    add("--amqp-url", default=os.environ.get("FEED_AMQP_URL", Settings.amqp_url))
-    add("--json", type=pathlib.Path, help="results [bench/results/connect-<time>.json]")
-    args = parser.parse_args()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.json = args.json or REPO / "bench" / "results" / f"connect-{stamp}.json"
-    return args
+    options.service_options(parser)
+    options.output_options(parser, "connect")
+    return parser.parse_args()
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -191,10 +177,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     args = parse_args()
-    try:
-        results = asyncio.run(run(args))
-    finally:
-        stop_all()
+    results = run_tool(run(args), "connect")
     header = " ".join(f"{h:>8}" for h in PERCENTILES)
     print(f"\n{'follows':>8} {'':>22} {header}  (ms, {args.connects} sockets each)")
     for result in results:

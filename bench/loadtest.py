@@ -15,7 +15,7 @@ What a run does, in order, for each fan-out mode (--fanout session|process, or b
  4. posts R posts/s for T seconds (POST /post/create) with tagged texts, and records for every
     post which open sessions must receive it, then which did, when, and how often; with
     --saturate, steps of T seconds at rising rates instead, until one is not held (see
-    bench/saturation.py), then T seconds at half the highest rate held;
+    bench/lib/saturation.py), then T seconds at half the highest rate held;
  5. drains for a few seconds, then reports latency, throughput, LOST and DUPLICATED deliveries,
     errors, service/RabbitMQ CPU and memory, and the run's queues and bindings in RabbitMQ;
  6. stops the service.
@@ -30,31 +30,22 @@ The exit status is 1 when a delivery was lost or duplicated, or nothing was deli
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
-import os
 import pathlib
-import re
-import resource
 import sys
 from typing import Any
 
 # Run as a script, only bench/ is on sys.path: add the repository so feed_app and bench import.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import psycopg2
 from tornado.httpclient import AsyncHTTPClient
 
-from bench import ceilings, compare, report
-from bench.population import build_population
-from bench.processes import REPO, stop_all
-from bench.service_run import ServiceRun, phase_authors
-from feed_app.config import redact_url, setting_assignment
-from feed_app.fanout import MODES
+from bench.lib import ceilings, compare, options, report
+from bench.lib.population import build_population
+from bench.lib.processes import run_tool
+from bench.lib.service_run import ServiceRun, phase_authors
+from feed_app.config import MODES
 
-RESULTS_DIR = REPO / "bench" / "results"
-DEFAULT_DSN = "postgresql://127.0.0.1:5432/feed_bench"
-DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 HTTP_MAX_CLIENTS = 200
 
 # Values used when an option is not given: a full run, and --smoke.
@@ -94,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shape.add_argument("--text-size", type=int, default=140, help="characters per post [140]")
     shape.add_argument("--seed", type=int, default=1, help="random seed of the population [1]")
 
-    target = parser.add_argument_group("service under test")
+    target = options.service_options(parser)
     target.add_argument(
         "--fanout",
         choices=[*MODES, "both"],
@@ -104,43 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " [session]",
     )
     target.add_argument("--workers", type=int, default=1, help="run.py --workers [1]")
-    target.add_argument(
-        "--service-env",
-        action="append",
-        default=[],
-        type=setting_assignment,
-        metavar="NAME=VALUE",
-        help="a setting of the spawned service (repeatable), e.g. FEED_GC_YOUNG_THRESHOLD=700",
-    )
-    target.add_argument(
-        "--db-dsn",
-        default=os.environ.get("FEED_BENCH_DB_DSN", DEFAULT_DSN),
-        help=f"bench database (FEED_BENCH_DB_DSN) [{DEFAULT_DSN}]",
-    )
-    target.add_argument(
-        "--amqp-url",
-        default=os.environ.get("FEED_AMQP_URL", DEFAULT_AMQP),
-        help="RabbitMQ URL for the spawned service and the pika ceiling (FEED_AMQP_URL)",
-    )
-    target.add_argument(
-        "--url",
-        action="append",
-        default=[],
-        help="test an already running instance (repeatable; sessions and posts are spread"
-        " round-robin); --db-dsn must then name its database",
-    )
-    target.add_argument(
-        "--service-pids",
-        default="",
-        help="with --url: comma-separated pids of the instances (children are included),"
-        " for their CPU and memory",
-    )
-    target.add_argument(
-        "--jwt-secret",
-        default=None,
-        help="with --url: the instances' FEED_JWT_SECRET (default: $FEED_JWT_SECRET, else the"
-        " dev secret); a spawned service gets a random one",
-    )
+    options.running_service_options(target)
     target.add_argument(
         "--truncate",
         action=argparse.BooleanOptionalAction,
@@ -165,9 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="seconds to wait for late deliveries after the last post [5; with --saturate 30]",
     )
-    add("--json", type=pathlib.Path, help="results file [bench/results/<time>.json]")
-    add("--chart", type=pathlib.Path, help="chart file [bench/results/<time>.png]")
-    add("--no-chart", action="store_true", help="do not draw the chart")
+    options.output_options(run, "loadtest", chart=True)
     add("--quiet", action="store_true", help="no progress lines")
 
     search = parser.add_argument_group(
@@ -209,8 +162,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.drain is None:  # an overloaded step needs time to clear its backlog
         args.drain = 30.0 if args.saturate else 5.0
     args.no_chart = args.no_chart or (args.smoke and args.chart is None)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.json = args.json or RESULTS_DIR / f"{stamp}.json"
     args.chart = args.chart or args.json.with_suffix(".png")
     if args.users < 2 or args.sessions < 1 or args.rate <= 0 or args.duration <= 0:
         parser.error("need --users >= 2, --sessions >= 1, --rate > 0 and --duration > 0")
@@ -219,13 +170,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.url and args.fanout == "both":
         parser.error("--fanout both starts the service in each mode: not with --url")
     return args
-
-
-def raise_fd_limit() -> None:
-    """Every session is a socket here and in the service (which inherits this limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def configure_http_client() -> str:
@@ -242,23 +186,10 @@ def configure_http_client() -> str:
         return "simple"
 
 
-def config(args: argparse.Namespace) -> dict[str, Any]:
-    """The options of the run, without secrets (the JWT secret, the broker password)."""
-    values = {
-        key: str(value) if isinstance(value, pathlib.Path) else value
-        for key, value in vars(args).items()
-    }
-    values["jwt_secret"] = "(set)" if values["jwt_secret"] else None
-    values["amqp_url"] = redact_url(values["amqp_url"])
-    # A key=value DSN ("dbname=x password=y") is not a URL: redact its password by hand.
-    values["db_dsn"] = re.sub(r"(password=)\S+", r"\1***", redact_url(values["db_dsn"]))
-    return values
-
-
 async def run_load_test(args: argparse.Namespace) -> dict[str, Any]:
     """Each mode in turn on the same population and posts, then the ceilings once."""
     results: dict[str, Any] = {
-        "config": config(args),
+        "config": options.recorded(args),
         "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "http_client": configure_http_client(),
         "runs": {},
@@ -306,17 +237,7 @@ def verdict(results: dict[str, Any]) -> tuple[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    raise_fd_limit()
-    try:
-        results = asyncio.run(run_load_test(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, ValueError, psycopg2.Error) as exc:
-        print(f"load test failed: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        stop_all()
+    results = run_tool(run_load_test(args), "load test")
     code, message = verdict(results)
     results["verdict"] = message
     report.print_table(results)

@@ -3,11 +3,11 @@
     .venv/bin/python bench/login_flood.py                  # 30 loops, 3 x (100 quiet, 100 flood)
     .venv/bin/python bench/login_flood.py --loops 30 --rounds 3 --url http://127.0.0.1:8888
 
-1. Starts the service (run.py on a free port, database feed_bench_flood, the default limits
+1. Starts the service (run.py on a free port, database feed_bench, the default limits
    except FEED_POST_RATE, which the delay measurement needs raised), or uses --url.
 2. Registers a victim, and an author followed by a user with two open feed sockets.
 3. Quiet: the delay from POST /post/create to both sockets, one post at a time
-   (delivery_delay.py's measurement).
+   (bench/lib/api.py, `delays`).
 4. Flood: --loops connections (in a child process, so the flood's CPU is not the measuring
    client's) each send wrong-password logins for the victim over keep-alive, each as soon as
    the previous answer came; once they run, the same delay measurement again.
@@ -31,13 +31,12 @@ from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tornado.httpclient import AsyncHTTPClient
 
-from bench.delivery_delay import delays, describe, new_user, open_follower
-from bench.processes import own_service
-from feed_app.config import setting_assignment
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from bench.lib import options
+from bench.lib.api import delays, describe, new_user, open_follower
+from bench.lib.options import RESULTS_DIR
+from bench.lib.processes import run_tool
+from bench.lib.service import UNLIMITED, own_service, read_metrics
 
 
 async def guess(host: str, port: int, victim: int, until: float, answers: Counter) -> None:
@@ -68,8 +67,10 @@ async def flood(url: str, victim: int, loops: int, seconds: float) -> None:
 
 
 async def metric(url: str, name: str) -> float:
-    text = (await AsyncHTTPClient().fetch(url + "/metrics")).body.decode()
-    return float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+    values = await read_metrics(url, (name,))
+    if values is None or name not in values:
+        raise RuntimeError(f"{url}/metrics did not give {name}")
+    return values[name]
 
 
 async def measure(url: str, args: argparse.Namespace) -> None:
@@ -108,9 +109,8 @@ async def run(args: argparse.Namespace) -> None:
     if args.url:
         await measure(args.url.rstrip("/"), args)
         return
-    settings = {"FEED_POST_RATE": "1000000/second"}
-    settings.update(args.service_env)
-    log = REPO / "bench" / "results" / "login_flood.service.log"
+    settings = {"FEED_POST_RATE": UNLIMITED["FEED_POST_RATE"], **dict(args.service_env)}
+    log = RESULTS_DIR / "login_flood.service.log"
     async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
         await measure(service.url, args)
 
@@ -125,24 +125,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="quiet/flood pairs [3]")
     parser.add_argument("--ramp", type=float, default=1.0, help="flood seconds before [1]")
     parser.add_argument("--flood-seconds", type=float, default=8.0, help="flood length [8]")
-    parser.add_argument(
-        "--service-env",
-        action="append",
-        default=[],
-        type=setting_assignment,
-        metavar="FEED_X=VALUE",
-        help="a setting for the service this script starts (repeatable), e.g. "
-        "FEED_REFUSAL_DELAY=0 to refuse at once, FEED_LOGIN_RATE_USER=1000000/second for none",
-    )
-    parser.add_argument("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench_flood")
-    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    # e.g. --service-env FEED_REFUSAL_DELAY=0 to refuse at once, or
+    # FEED_LOGIN_RATE_USER=1000000/second for no limit
+    options.service_options(parser)
     parser.add_argument("--flood", help=argparse.SUPPRESS)  # the child process: flood this URL
     parser.add_argument("--victim", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flood:
         asyncio.run(flood(args.flood, args.victim, args.loops, args.flood_seconds))
     else:
-        asyncio.run(run(args))
+        run_tool(run(args), "login flood")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Starts the service (one process, run.py --fanout MODE, the load test's raised li
 load test's population (U users following F authors each, Zipf popularity) and opens N sockets
 spread over those users, in steps: up to each --at count, then up to N. After each step, and
 before the first, it waits --settle seconds and reads the service's RSS, the broker's RSS and
-memory breakdown, and the run's queues and bindings (bench/procstats.py). Nothing is posted: this
-measures what an idle socket costs.
+memory breakdown, and the run's queues and bindings (bench/lib/procstats.py). Nothing is
+posted: this measures what an idle socket costs.
 
 The sockets are held by client processes (bench/socket_holder.py), --per-client each, every one
 from an address of its own (127.0.0.2, .3, ...): a process can hold only as many sockets as its
@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
 import pathlib
 import resource
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -36,14 +33,13 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.feedclient import ratio
-from bench.population import Population, build_population, seed_database
-from bench.processes import REPO, own_service, stop_all
-from bench.procstats import processes_named, rabbitmq_snapshot, rss_bytes
-from bench.service_run import TOKEN_TTL, UNLIMITED
-from feed_app.auth import issue_token
-from feed_app.config import Settings
-from feed_app.fanout import MODES
+from bench.lib import options
+from bench.lib.feedclient import ratio
+from bench.lib.population import Population, build_population, seed_database
+from bench.lib.processes import REPO, run_tool
+from bench.lib.procstats import processes_named, rabbitmq_snapshot, rss_bytes
+from bench.lib.service import UNLIMITED, own_service
+from feed_app.config import MODES
 
 FD_MARGIN = 500  # open files besides the sockets: database pool, broker, log, listener, ...
 BATCH_TIMEOUT = 60.0  # seconds for one socket to become ready
@@ -106,9 +102,10 @@ class Holder:
 
 
 def check_fd_limit(sockets: int, per_client: int) -> int:
-    """Raise the soft open-file limit to the hard one (the service and the holders inherit it);
-    return the sockets per holder; exit with a message when the service cannot hold them."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    """The sockets per holder, within the hard open-file limit (run_tool raises the soft one to
+    it, and the service and the holders inherit that); exit with a message when the service
+    cannot hold them."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < sockets + FD_MARGIN:
         print(
             f"{sockets:,} sockets need {sockets + FD_MARGIN:,} open files in the service process;"
@@ -118,8 +115,6 @@ def check_fd_limit(sockets: int, per_client: int) -> int:
             file=sys.stderr,
         )
         sys.exit(2)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return min(per_client, hard - FD_MARGIN)
 
 
@@ -141,18 +136,15 @@ async def run(args: argparse.Namespace, per_client: int) -> dict[str, Any]:
     population, _rng = build_population(
         args.users, args.follows, args.sockets, args.zipf, args.seed
     )
-    secret = secrets.token_hex(32)
-    settings = {**UNLIMITED, "FEED_FANOUT": args.fanout, "FEED_JWT_SECRET": secret}
+    settings = {**UNLIMITED, **dict(args.service_env), "FEED_FANOUT": args.fanout}
     log = args.json.with_suffix(".service.log")
     holders: list[Holder] = []
     readings = []
     async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
         await asyncio.to_thread(seed_database, args.db_dsn, population, truncate=True)
-        ws_base = service.url.replace("http", "ws", 1)
 
         def url(session: int) -> str:
-            user_id = population.user_id(population.session_users[session])
-            return f"{ws_base}/post/feed/{user_id}?token={issue_token(user_id, secret, TOKEN_TTL)}"
+            return service.feed_url(population.user_id(population.session_users[session]))
 
         try:
             await asyncio.sleep(args.settle)
@@ -175,7 +167,7 @@ async def run(args: argparse.Namespace, per_client: int) -> dict[str, Any]:
         finally:
             await asyncio.gather(*(holder.stop() for holder in holders))
     return {
-        "config": {k: str(v) for k, v in vars(args).items()},
+        "config": options.recorded(args),
         "population": population.summary(),
         "per_client": per_client,
         "readings": readings,
@@ -246,23 +238,17 @@ def parse_args() -> argparse.Namespace:
     add("--per-client", type=int, default=10_000, help="sockets per client process [10000]")
     add("--connect-concurrency", type=int, default=100, help="handshakes in flight [100]")
     add("--settle", type=float, default=3.0, help="seconds before each reading [3]")
-    add("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench")
-    add("--amqp-url", default=os.environ.get("FEED_AMQP_URL", Settings.amqp_url))
-    add("--json", type=pathlib.Path, help="results [bench/results/sockets-<time>.json]")
+    options.service_options(parser)
+    options.output_options(parser, "sockets")
     args = parser.parse_args()
     args.at = args.at or [100]
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.json = args.json or REPO / "bench" / "results" / f"sockets-{stamp}.json"
     return args
 
 
 def main() -> None:
     args = parse_args()
     per_client = check_fd_limit(args.sockets, args.per_client)
-    try:
-        results = asyncio.run(run(args, per_client))
-    finally:
-        stop_all()
+    results = run_tool(run(args, per_client), "many sockets")
     first, last = results["readings"][1], results["readings"][-1]
     results["rabbitmq_rss_last_over_first"] = ratio(last["rabbitmq_rss"], first["rabbitmq_rss"], 3)
     print(

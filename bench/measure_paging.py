@@ -27,7 +27,7 @@ import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.seed_posts import DEFAULT_DSN
+from bench.lib.options import PAGING_DSN
 from feed_app.db import Database
 from feed_app.handlers import MAX_FEED_LIMIT, MAX_FEED_OFFSET
 from feed_app.wire import MAX_ID
@@ -111,7 +111,7 @@ def feed_ids(cur, user: int, pages: int) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dsn", default=DEFAULT_DSN)
+    parser.add_argument("--dsn", default=PAGING_DSN, help="built by seed_posts.py [feed_paging]")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--plans", action="store_true", help="print each case's plan")
     parser.add_argument("--no-old", action="store_true", help="skip the slow old feed query")

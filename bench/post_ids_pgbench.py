@@ -27,9 +27,9 @@ import psycopg2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from bench.lib.options import SERVER_DSN
 from feed_app.db import drop_database, prepare_database
 
-SERVER_DSN = "postgresql://127.0.0.1:5432"
 STATEMENTS = {
     "counter": """
         WITH clock AS (UPDATE bench_clock SET last_id = last_id + 1 RETURNING last_id),

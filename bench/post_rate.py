@@ -33,14 +33,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from bench.loadtest import DEFAULT_AMQP
-from bench.processes import ManagedProcess, free_port, stop_all, wait_ready
-from bench.service_run import UNLIMITED
+from bench.lib import options
+from bench.lib.options import RESULTS_DIR, SERVER_DSN
+from bench.lib.processes import REPO, ManagedProcess, run_tool, wait_ready
+from bench.lib.service import UNLIMITED
+from deploy.processes import free_port
 from feed_app.auth import issue_token
 from feed_app.db import drop_database
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SERVER_DSN = "postgresql://127.0.0.1:5432"
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,31 +48,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--posters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
-    parser.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
-    parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
+    service = options.service_options(parser, database=False)
+    service.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
     return parser.parse_args()
 
 
 class Instances:
     """N run.py processes on one database of their own, dropped at the end."""
 
-    def __init__(self, count: int, run_py: str, amqp_url: str) -> None:
+    def __init__(self, count: int, args: argparse.Namespace) -> None:
         self.database = f"feed_post_rate_{secrets.token_hex(3)}"
         self.dsn = f"{SERVER_DSN}/{self.database}"
         self.secret = secrets.token_hex(32)
         self.urls: list[str] = []
         self.processes: list[ManagedProcess] = []
-        self.count, self.run_py, self.amqp_url = count, run_py, amqp_url
+        self.count, self.args = count, args
 
     async def __aenter__(self) -> Instances:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
-        env.update(UNLIMITED, FEED_DB_DSN=self.dsn, FEED_AMQP_URL=self.amqp_url)
+        env.update(UNLIMITED, FEED_DB_DSN=self.dsn, FEED_AMQP_URL=self.args.amqp_url)
         env.update(FEED_JWT_SECRET=self.secret, FEED_DB_POOL_SIZE="20")
+        env.update(self.args.service_env)
         for n in range(self.count):
             port = free_port()
-            log = REPO / "bench" / "results" / f"post-rate-{self.database}-{n}.log"
-            argv = [sys.executable, self.run_py, "--port", str(port)]
-            cwd = pathlib.Path(self.run_py).parent
+            log = RESULTS_DIR / f"post-rate-{self.database}-{n}.log"
+            argv = [sys.executable, self.args.run_py, "--port", str(port)]
+            cwd = pathlib.Path(self.args.run_py).parent
             self.processes.append(ManagedProcess(f"instance {n}", argv, log, env=env, cwd=cwd))
             self.urls.append(f"http://127.0.0.1:{port}")
             # One after the other: the first creates the database and applies the schema.
@@ -147,23 +147,23 @@ async def measure(instances: Instances, posters: int, duration: float, warmup: f
     }
 
 
-async def main() -> None:
-    args = parse_args()
+async def measure_all(args: argparse.Namespace) -> None:
     AsyncHTTPClient.configure(None, max_clients=max(args.posters) * 2)
     print(f"{'instances':>9} {'posters':>7} {'posts/s':>8} {'p50 ms':>7} {'p99 ms':>7} errors")
-    try:
-        for count in args.instances:
-            async with Instances(count, args.run_py, args.amqp_url) as instances:
-                for posters in args.posters:
-                    row = await measure(instances, posters, args.duration, args.warmup)
-                    print(
-                        f"{row['instances']:>9} {row['posters']:>7} {row['posts_per_s']:>8} "
-                        f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']}",
-                        flush=True,
-                    )
-    finally:
-        stop_all()
+    for count in args.instances:
+        async with Instances(count, args) as instances:
+            for posters in args.posters:
+                row = await measure(instances, posters, args.duration, args.warmup)
+                print(
+                    f"{row['instances']:>9} {row['posters']:>7} {row['posts_per_s']:>8} "
+                    f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']}",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    run_tool(measure_all(parse_args()), "post rate")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -31,11 +31,13 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.service_run import UNLIMITED
-from deploy.cluster import ROOT, Cluster, Ports
+from bench.lib import options
+from bench.lib.options import RESULTS_DIR
+from bench.lib.processes import REPO
+from bench.lib.service import UNLIMITED
+from deploy.cluster import Cluster, Ports
+from feed_app.config import MODES
 
-RESULTS = ROOT / "bench" / "results"
-DEFAULT_DSN = "postgresql://127.0.0.1:5432/feed_scaling"
 LOADTEST_DEFAULTS = ["--saturate", "--author-choice", "followers", "--rate", "10"]
 
 
@@ -45,8 +47,8 @@ def main() -> int:
     )
     parser.add_argument("--instances", type=int, default=3, help="up to this many [3]")
     parser.add_argument("--nodes", type=int, default=3, help="RabbitMQ nodes [3]")
-    parser.add_argument("--fanout", choices=("session", "process"), default="process")
-    parser.add_argument("--db-dsn", default=DEFAULT_DSN, help=f"[{DEFAULT_DSN}]")
+    service = options.service_options(parser, broker=False)
+    service.add_argument("--fanout", choices=MODES, default="process", help="[process]")
     parser.add_argument(
         "loadtest", nargs="*", help=f"after --: loadtest.py options {LOADTEST_DEFAULTS}"
     )
@@ -58,7 +60,7 @@ def main() -> int:
         node_prefix=name,
         ports=Ports(balancer=0, first_instance=0, first_amqp=0),
         db_dsn=args.db_dsn,
-        instance_env={**UNLIMITED, "FEED_FANOUT": args.fanout},
+        instance_env={**UNLIMITED, **dict(args.service_env), "FEED_FANOUT": args.fanout},
     )
     rows = []
     try:
@@ -74,11 +76,11 @@ def main() -> int:
 
 
 def run_loadtest(cluster: Cluster, count: int, args: argparse.Namespace) -> dict:
-    out = RESULTS / f"scaling-{args.fanout}-{count}.json"
+    out = RESULTS_DIR / f"scaling-{args.fanout}-{count}.json"
     pids = [instance.pid for instance in cluster.instances]  # their workers are found too
     command = [
         sys.executable,
-        str(ROOT / "bench" / "loadtest.py"),
+        str(REPO / "bench" / "loadtest.py"),
         "--url",
         cluster.balancer.url,
         "--db-dsn",

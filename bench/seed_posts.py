@@ -21,8 +21,6 @@ The population, chosen so that every shape of follow list the feed must serve fa
 from __future__ import annotations
 
 import argparse
-import io
-import itertools
 import random
 import sys
 import time
@@ -34,12 +32,17 @@ import psycopg2.extensions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.population import BENCH_PASSWORD, build_follow_graph, zipf_cum_weights
+from bench.lib.options import PAGING_DSN
+from bench.lib.population import (
+    BENCH_PASSWORD,
+    COPY_BATCH,
+    build_follow_graph,
+    copy_rows,
+    zipf_cum_weights,
+)
 from feed_app.auth import hash_password_sync
 from feed_app.db import drop_database, prepare_database
 
-DEFAULT_DSN = "postgresql://127.0.0.1:5432/feed_paging"
-COPY_BATCH = 200_000  # rows per COPY call: bounded memory, few round trips
 SECONDS_PER_POST = 3  # created_at spacing: 10M posts span about a year
 # Word lists as text, split where used.
 FIRST_NAMES_TEXT = (
@@ -70,7 +73,7 @@ SHAPES = {  # name -> (authors followed, where they come from)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dsn", default=DEFAULT_DSN, help="database to create (feed_paging*)")
+    parser.add_argument("--dsn", default=PAGING_DSN, help="database to create (feed_paging*)")
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--posts", type=int, default=10_000_000)
     parser.add_argument("--follows", type=int, default=20, help="authors each user follows")
@@ -90,16 +93,6 @@ def parse_args() -> argparse.Namespace:
 def recreate_database(dsn: str) -> None:
     drop_database(dsn)
     prepare_database(dsn)  # creates it and applies sql/
-
-
-def copy_rows(cur, table: str, columns: str, rows: Iterator[tuple]) -> int:
-    """COPY rows (no tabs, newlines or backslashes in values) in batches; returns the count."""
-    total = 0
-    while batch := list(itertools.islice(rows, COPY_BATCH)):
-        buffer = io.StringIO("".join("\t".join(map(str, row)) + "\n" for row in batch))
-        cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN", buffer)
-        total += len(batch)
-    return total
 
 
 def user_rows(users: int, rng: random.Random) -> Iterator[tuple]:

@@ -4,7 +4,7 @@ and whether RabbitMQ got a queue for any refused one.
     .venv/bin/python bench/socket_flood.py                 # 1,000 sockets, the default limits
     .venv/bin/python bench/socket_flood.py --sockets 1000 --concurrency 200
 
-Starts the service (run.py on a free port, database feed_bench_flood, default limits), registers
+Starts the service (run.py on a free port, database feed_bench, default limits), registers
 one user, then opens --sockets websockets to its feed with its token, --concurrency handshakes
 at a time, and keeps the opened ones open. While they are open it lists RabbitMQ's queues
 (`rabbitmqctl list_queues`, run once) and counts those of this user (named <user id>.<random>);
@@ -27,10 +27,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from bench.delivery_delay import new_user
-from bench.processes import own_service
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from bench.lib import options
+from bench.lib.api import feed_url, new_user
+from bench.lib.options import RESULTS_DIR
+from bench.lib.processes import run_tool
+from bench.lib.service import own_service
 
 
 async def open_one(url: str, outcomes: Counter, opened: list[WebSocketClientConnection]) -> None:
@@ -56,7 +57,7 @@ def user_queues(user_id: int) -> int:
 
 async def measure(base: str, args: argparse.Namespace) -> None:
     user_id, token = await new_user(base)
-    url = base.replace("http", "ws", 1) + f"/post/feed/{user_id}?token={token}"
+    url = feed_url(base, user_id, token)
     outcomes: Counter = Counter()
     opened: list[WebSocketClientConnection] = []
     gate = asyncio.Semaphore(args.concurrency)
@@ -80,8 +81,9 @@ async def measure(base: str, args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    log = REPO / "bench" / "results" / "socket_flood.service.log"
-    async with own_service(args.db_dsn, args.amqp_url, {}, log) as service:
+    log = RESULTS_DIR / "socket_flood.service.log"
+    settings = dict(args.service_env)
+    async with own_service(args.db_dsn, args.amqp_url, settings, log) as service:
         await measure(service.url, args)
 
 
@@ -91,9 +93,8 @@ def main() -> None:
     )
     parser.add_argument("--sockets", type=int, default=1000, help="sockets to open [1000]")
     parser.add_argument("--concurrency", type=int, default=200, help="handshakes at once [200]")
-    parser.add_argument("--db-dsn", default="postgresql://127.0.0.1:5432/feed_bench_flood")
-    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
-    asyncio.run(run(parser.parse_args()))
+    options.service_options(parser)
+    run_tool(run(parser.parse_args()), "socket flood")
 
 
 if __name__ == "__main__":

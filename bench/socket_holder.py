@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.feedclient import FeedClient, Tracker, open_clients, summarize
+from bench.lib.feedclient import FeedClient, Tracker, open_clients, summarize
 
 
 async def hold(source_ip: str) -> None:

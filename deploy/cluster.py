@@ -39,6 +39,7 @@ from deploy.balancer import Balancer, BalancerError
 from deploy.rabbit_nodes import Node, NodeError
 from feed_app.config import setting_assignment
 from feed_app.db import drop_database, prepare_database
+from feed_app.demo import seed_demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = pathlib.Path(os.environ.get("FEED_CLUSTER_DIR", "/tmp/feed-cluster"))
@@ -241,8 +242,6 @@ class Cluster:
         prepare_database(self.db_dsn)
         self.save()
         if demo:
-            from run import seed_demo  # the same demo users as scripts/run-demo
-
             seed_demo(self.db_dsn)
 
     def down(self) -> None:

@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-from run import process_exists
+from feed_app.pids import process_exists
 
 # Popen objects of the processes started by this Python process: polling them reaps the zombie a
 # dead child would otherwise leave (its pid would look alive to os.kill(pid, 0)).

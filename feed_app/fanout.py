@@ -22,8 +22,6 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Protocol
 
-from feed_app.config import MODES as MODES  # the fan-outs' names, for callers choosing one (bench/)
-
 
 class BrokerUnavailable(Exception):
     """No open connection to RabbitMQ right now (it is being re-established)."""

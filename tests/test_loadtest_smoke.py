@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from bench import saturation
-from bench.feedclient import Tracker
+from bench.lib import saturation
+from bench.lib.feedclient import Tracker
 from feed_app.config import MODES
 from feed_app.wire import post_frame
 

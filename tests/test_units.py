@@ -10,7 +10,7 @@ import time
 import psycopg2
 import pytest
 
-from feed_app import wire
+from feed_app import demo, wire
 from feed_app.broker.connection import Channel, NodeList
 from feed_app.config import Rate, Settings, parse_settings, rate, redact_url, trusted_networks
 from feed_app.db import Post, prepare_database
@@ -235,16 +235,14 @@ def test_the_horizon_is_the_last_id_of_a_sample_whose_successor_the_read_saw_fin
 
 
 def test_the_demo_seeds_a_fresh_database_once(scratch_dsn, capsys):
-    import run
-
     prepare_database(scratch_dsn)
-    run.seed_demo(scratch_dsn)
-    run.seed_demo(scratch_dsn)  # a second start finds it done
+    demo.seed_demo(scratch_dsn)
+    demo.seed_demo(scratch_dsn)  # a second start finds it done
     with psycopg2.connect(scratch_dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM users")
-        assert cur.fetchone()[0] == len(run.DEMO_USERS)
+        assert cur.fetchone()[0] == len(demo.DEMO_USERS)
         cur.execute("SELECT count(*), count(DISTINCT id) FROM posts")
-        assert cur.fetchone() == (len(run.DEMO_POSTS), len(run.DEMO_POSTS))
+        assert cur.fetchone() == (len(demo.DEMO_POSTS), len(demo.DEMO_POSTS))
     conn.close()
     assert "demo users" in capsys.readouterr().out
 

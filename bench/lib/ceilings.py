@@ -25,16 +25,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pika
-from pika.adapters.asyncio_connection import AsyncioConnection
 from tornado.httpclient import AsyncHTTPClient
 
-from bench.feedclient import FeedClient, Tracker, open_clients
-from bench.population import Population
-from bench.processes import ManagedProcess, free_port, wait_ready
+from bench.lib.amqp import call, open_channel, open_connection
+from bench.lib.feedclient import FeedClient, Tracker, open_clients
+from bench.lib.population import Population
+from bench.lib.processes import ManagedProcess, wait_ready
+from deploy.processes import free_port
 from feed_app import wire
 from feed_app.config import Settings
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent
+BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent
 
 
 # A burst shorter than a second measures start-up more than throughput: the run's posts are
@@ -183,37 +184,6 @@ def sample_frame(population: Population, text_size: int) -> bytes:
 
 
 # --- bare pika --------------------------------------------------------------------------------
-
-
-async def open_connection(url: str) -> AsyncioConnection:
-    loop = asyncio.get_running_loop()
-    opened: asyncio.Future = loop.create_future()
-
-    def on_error(_connection: Any, error: Exception) -> None:
-        if not opened.done():
-            opened.set_exception(ConnectionError(f"cannot connect to RabbitMQ: {error}"))
-
-    AsyncioConnection(
-        pika.URLParameters(url),
-        on_open_callback=opened.set_result,
-        on_open_error_callback=on_error,
-        custom_ioloop=loop,
-    )
-    return await asyncio.wait_for(opened, 10)
-
-
-async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Await a pika method that takes `callback=` (the same idea as feed_app.broker.Channel)."""
-    future = asyncio.get_running_loop().create_future()
-    method(*args, callback=lambda reply: future.done() or future.set_result(reply), **kwargs)
-    # Generous: a broker still dropping thousands of bindings of a run just before answers late.
-    return await asyncio.wait_for(future, 60)
-
-
-async def open_channel(connection: AsyncioConnection) -> Any:
-    future = asyncio.get_running_loop().create_future()
-    connection.channel(on_open_callback=future.set_result)
-    return await asyncio.wait_for(future, 10)
 
 
 class _Confirms:

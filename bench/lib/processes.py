@@ -1,41 +1,34 @@
-"""Processes the load test starts (the service, the bare push server): start, wait, stop, logs.
+"""Processes the bench tools start (the service, the bare push server): start, wait, stop, logs.
 
-Each runs in its own session (process group), so a Ctrl-C in the terminal reaches only the load
-test, which then stops them itself in order: SIGTERM (the service shuts down gracefully), and
-SIGKILL to the group only if that did not end it in time. Every ManagedProcess registers itself so
-that the load test's last `finally` can stop whatever is still running, whatever went wrong.
+Each runs in its own session (process group), so a Ctrl-C in the terminal reaches only the tool,
+which then stops them itself in order: SIGTERM (the service shuts down gracefully), and SIGKILL
+to the group only if that did not end it in time. Every ManagedProcess registers itself so that
+run_tool can stop whatever is still running, whatever went wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import pathlib
 import re
-import secrets
+import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 import psycopg2
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from bench.procstats import descendants
+from bench.lib.procstats import descendants
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 _RUNNING: list[ManagedProcess] = []
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the kernel picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+T = TypeVar("T")
 
 
 class ManagedProcess:
@@ -91,9 +84,33 @@ class ManagedProcess:
 
 
 def stop_all() -> None:
-    """Stop every process still running (the last resort of the load test's `finally`)."""
+    """Stop every process still running (the last resort of a tool's `finally`)."""
     for process in list(_RUNNING):
         process.stop(timeout=5)
+
+
+def raise_fd_limit() -> None:
+    """Every socket is a file here and in the service (which inherits this limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_tool(work: Coroutine[Any, Any, T], name: str) -> T:
+    """Run a tool's work with its open-file limit raised, and stop whatever it started, however
+    it ends: exit 130 on Ctrl-C, 2 when it could not be carried out (a process did not start,
+    PostgreSQL refused, ...), with one line instead of a traceback."""
+    raise_fd_limit()
+    try:
+        return asyncio.run(work)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (RuntimeError, OSError, ValueError, psycopg2.Error) as exc:
+        print(f"{name} failed: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        stop_all()
 
 
 async def wait_ready(url: str, timeout: float, process: ManagedProcess | None = None) -> None:
@@ -116,54 +133,6 @@ async def wait_ready(url: str, timeout: float, process: ManagedProcess | None = 
             last_error = type(exc).__name__
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last_error})")
-
-
-@dataclasses.dataclass
-class OwnService:
-    url: str
-    process: ManagedProcess
-    jwt_secret: str
-
-
-async def start_service(
-    db_dsn: str,
-    amqp_url: str,
-    settings: dict[str, str],
-    log_path: pathlib.Path,
-    args: Sequence[str] = (),
-) -> OwnService:
-    """run.py on a free port of 127.0.0.1 with a random JWT secret and these FEED_* settings
-    (none from this environment) and run.py arguments; returns once it is ready."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
-    env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
-    env.update(settings)
-    argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1", "--port", str(port)]
-    service = ManagedProcess("the service", [*argv, *args], log_path, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    await wait_ready(url, 60, service)
-    return OwnService(url, service, env["FEED_JWT_SECRET"])
-
-
-@contextlib.asynccontextmanager
-async def own_service(
-    db_dsn: str, amqp_url: str, settings: dict[str, str], log_path: pathlib.Path
-) -> AsyncIterator[OwnService]:
-    """start_service, with its users' ids from a random block above 10^12 as in the load test
-    (posts are routed by author id on a broker others share); stops it after."""
-    service = await start_service(db_dsn, amqp_url, settings, log_path)
-    try:
-        await asyncio.to_thread(_ids_from_a_random_block, db_dsn)
-        yield service
-    finally:
-        service.process.stop()
-
-
-def _ids_from_a_random_block(dsn: str) -> None:
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-        first = 10**12 + secrets.randbelow(9 * 10**5) * 10**7
-        cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (first,))
-    conn.close()
 
 
 # --- the service's log ---------------------------------------------------------------------------

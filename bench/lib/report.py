@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.feedclient import Tracker, percentile
+from bench.lib.feedclient import Tracker, percentile
 
 
 def time_series(tracker: Tracker, start: float) -> list[dict[str, Any]]:

@@ -18,9 +18,9 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from bench import report
-from bench.feedclient import FeedClient, PostRecord, Tracker, ratio, summarize
-from bench.procstats import CpuMeter, processes_named, rss_bytes
+from bench.lib import report
+from bench.lib.feedclient import FeedClient, PostRecord, Tracker, ratio, summarize
+from bench.lib.procstats import CpuMeter, processes_named, rss_bytes
 
 MAX_POSTS_IN_FLIGHT = 500
 LATE_SENDING = 10.0  # seconds past the planned end after which no more posts are sent

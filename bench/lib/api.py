@@ -1,16 +1,9 @@
-"""Delay from POST /post/create to the post arriving in two open feed sessions of a follower.
-
-    python run.py &                      # or scripts/run-demo
-    python bench/delivery_delay.py --url http://127.0.0.1:8888 --posts 100
-
-Posts go one at a time (each waits until both sessions have it), so the figure is the delay of
-one post through an idle service: HTTP, commit, outbox publish, broker, session, websocket.
-A running service's FEED_POST_RATE must allow the posts (login_flood.py sets it).
-"""
+"""The feed's HTTP API as a user sees it: register, log in, follow, post, and the delay of one post
+from POST /post/create into two open sessions of a follower (login_flood.py, quiet and under a
+flood). A service started to be measured must allow the posts (service.UNLIMITED)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import secrets
@@ -38,11 +31,20 @@ async def new_user(base: str) -> tuple[int, str]:
     return user_id, token
 
 
-async def open_follower(base: str) -> tuple[str, list]:
-    """An author (its token) and a follower with two open sessions, both past `ready`."""
+async def follower_feed(base: str) -> tuple[str, str]:
+    """A new author (its token) and the feed socket URL of a new user who follows it."""
     (author, author_token), (follower, follower_token) = await new_user(base), await new_user(base)
     await call(base, "PUT", f"/friend/set/{author}", token=follower_token)
-    ws_url = base.replace("http", "ws", 1) + f"/post/feed/{follower}?token={follower_token}"
+    return author_token, feed_url(base, follower, follower_token)
+
+
+def feed_url(base: str, user_id: int, token: str) -> str:
+    return base.replace("http", "ws", 1) + f"/post/feed/{user_id}?token={token}"
+
+
+async def open_follower(base: str) -> tuple[str, list]:
+    """An author (its token) and a follower with two open sessions, both past `ready`."""
+    author_token, ws_url = await follower_feed(base)
     sessions = [await websocket_connect(ws_url) for _ in range(2)]
     for ws in sessions:
         while json.loads(await ws.read_message())["type"] != "ready":
@@ -71,19 +73,3 @@ def describe(seconds: list[float]) -> str:
         f"median {statistics.median(ms):.2f} ms, p90 {ms[int(len(ms) * 0.9)]:.2f} ms, "
         f"worst {ms[-1]:.2f} ms"
     )
-
-
-async def main(base: str, count: int) -> None:
-    author_token, sessions = await open_follower(base)
-    measured = await delays(base, author_token, sessions, count)
-    print(f"{count} posts x 2 sessions: {describe(measured)}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--url", default="http://127.0.0.1:8888")
-    parser.add_argument("--posts", type=int, default=100)
-    args = parser.parse_args()
-    asyncio.run(main(args.url, args.posts))

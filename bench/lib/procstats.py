@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
-from feed_app.wire import PROCESS_QUEUE, SESSION_QUEUE  # the service's queue names
+from feed_app.wire import CONTROL_PREFIX, EXCHANGE, PROCESS_QUEUE, SESSION_QUEUE
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CLI_TIMEOUT = 30.0  # seconds; rabbitmqctl with 10,000 queues takes a few
@@ -175,7 +175,6 @@ async def _run_cli(*argv: str) -> Any | None:
         return None
 
 
-EXCHANGE = "amq.direct"  # feed_app.wire.EXCHANGE: every binding of the feed is on it
 MEMORY_PARTS = ("queue_procs", "mnesia", "other_ets", "binary")  # where queues and bindings live
 
 
@@ -245,7 +244,7 @@ async def rabbitmq_snapshot(user_ids: range, service_pids: Collection[int]) -> d
             for b in bindings
             if b.get("source_name") == EXCHANGE and ours(str(b.get("destination_name", "")))
         ]
-        control = sum(1 for key in keys if key.startswith("control."))
+        control = sum(1 for key in keys if key.startswith(CONTROL_PREFIX))
         result.update(run_bindings=len(keys), run_control_bindings=control)
     if isinstance(memory, dict):
         for part in MEMORY_PARTS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.feedclient import ratio
+from bench.lib.feedclient import ratio
 
 
 def _get(tree: dict[str, Any] | None, *path: str) -> Any:

@@ -22,6 +22,7 @@ from feed_app.auth import hash_password_sync
 
 BENCH_PASSWORD = "bench-password"  # nobody logs in: the load test mints tokens itself
 SEED_TABLES = "users, follows, posts, outbox"
+COPY_BATCH = 200_000  # rows per COPY call: bounded memory, few round trips
 
 
 @dataclasses.dataclass
@@ -153,13 +154,14 @@ def database_name(dsn: str) -> str:
     return psycopg2.extensions.parse_dsn(dsn).get("dbname", "")
 
 
-def _copy(cursor, table: str, columns: str, rows: Iterable[tuple]) -> None:
-    """COPY rows (values without tabs, newlines or backslashes) into a table in one round trip."""
-    buffer = io.StringIO()
-    for row in rows:
-        buffer.write("\t".join(map(str, row)) + "\n")
-    buffer.seek(0)
-    cursor.copy_expert(f"COPY {table} ({columns}) FROM STDIN", buffer)
+def copy_rows(cur, table: str, columns: str, rows: Iterable[tuple]) -> int:
+    """COPY rows (no tabs, newlines or backslashes in values) in batches; returns the count."""
+    total = 0
+    while batch := list(itertools.islice(rows, COPY_BATCH)):
+        buffer = io.StringIO("".join("\t".join(map(str, row)) + "\n" for row in batch))
+        cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN", buffer)
+        total += len(batch)
+    return total
 
 
 def random_id_floor() -> int:
@@ -201,13 +203,13 @@ def seed_database(dsn: str, population: Population, *, truncate: bool) -> int:
             (highest,) = cur.fetchone()
             base = max(highest + 1, random_id_floor())
             population.base_id = base
-            _copy(
+            copy_rows(
                 cur,
                 "users",
                 "id, name, password_hash",
                 ((base + i, f"bench{i}", password_hash) for i in range(population.user_count)),
             )
-            _copy(
+            copy_rows(
                 cur,
                 "follows",
                 "follower_id, author_id",

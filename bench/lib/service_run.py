@@ -10,32 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import os
 import random
 import time
 from typing import Any
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from bench.lib import report, saturation
+from bench.lib.feedclient import FeedClient, Tracker, open_clients, ratio, summarize
+from bench.lib.population import Population, choose_authors, seed_database
+from bench.lib.posting import Plan, PostingPhase, Service
+from bench.lib.processes import scan_log
+from bench.lib.procstats import CpuMeter, processes_named, rabbitmq_snapshot, rss_bytes
+from bench.lib.service import UNLIMITED, Target, attach, read_metrics, start_service
 
-from bench import report, saturation
-from bench.feedclient import FeedClient, Tracker, open_clients, ratio, summarize
-from bench.population import Population, choose_authors, seed_database
-from bench.posting import Plan, PostingPhase, Service
-from bench.processes import ManagedProcess, scan_log, start_service, wait_ready
-from bench.procstats import CpuMeter, descendants, processes_named, rabbitmq_snapshot, rss_bytes
-from feed_app.auth import issue_token
-from feed_app.config import DEV_JWT_SECRET
-
-TOKEN_TTL = 24 * 3600
-# The service this script starts measures delivery, not its limits: a popular author posts many
-# times a second and one process holds 10,000 sockets. Instances given with --url need the same.
-UNLIMITED = {
-    "FEED_POST_RATE": "1000000/second",
-    "FEED_FOLLOW_RATE": "1000000/second",
-    "FEED_SOCKETS_PER_USER": "1000000",
-    "FEED_SOCKETS_MAX": "1000000",
-}
 SERVICE_METRICS = (
     "feed_deliveries_total",
     "feed_publishes_total",
@@ -54,29 +40,6 @@ def phase_authors(population: Population, rate: float, duration: float, args: An
     return choose_authors(population, posts, args.author_choice, rng)
 
 
-@dataclasses.dataclass
-class Target:
-    """Where the service runs, and how to read its processes."""
-
-    urls: list[str]
-    jwt_secret: str
-    process: ManagedProcess | None = None
-    pid_roots: list[int] = dataclasses.field(default_factory=list)
-
-    def pids(self) -> list[int]:
-        if self.process is not None:
-            return self.process.pids()
-        return [pid for root in self.pid_roots for pid in descendants(root)]
-
-    @property
-    def pids_known(self) -> bool:
-        return bool(self.process or self.pid_roots)
-
-    def websocket_url(self, index: int, user_id: int, token: str) -> str:
-        base = self.urls[index % len(self.urls)].replace("http", "ws", 1)
-        return f"{base}/post/feed/{user_id}?token={token}"
-
-
 class ServiceRun:
     """One mode: start, seed, connect, post (one phase, or the saturation search), tear down."""
 
@@ -88,7 +51,6 @@ class ServiceRun:
         self.connect_tracker = Tracker()  # connect errors; each phase has a tracker of its own
         self.clients: list[FeedClient] = []
         self.target: Target | None = None
-        self.tokens: dict[int, str] = {}
         self.log_path = args.json.with_suffix(f".{mode}.service.log")
         self.seed_seconds = self.sessions_seconds = 0.0
         self.memory_before: dict[str, int] = {}
@@ -141,21 +103,11 @@ class ServiceRun:
     async def start_target(self) -> Target:
         args = self.args
         if args.url:
-            secret = args.jwt_secret or os.environ.get("FEED_JWT_SECRET") or DEV_JWT_SECRET
-            roots = [int(p) for p in args.service_pids.split(",") if p.strip()]
-            for url in args.url:
-                await wait_ready(url.rstrip("/"), 10)
-            return Target([u.rstrip("/") for u in args.url], secret, pid_roots=roots)
+            return await attach(args)
         run_args = ["--workers", str(args.workers), "--fanout", self.mode]
         self.say(f"starting the service: run.py {' '.join(run_args)}")
-        service = await start_service(
-            args.db_dsn,
-            args.amqp_url,
-            {**UNLIMITED, **dict(args.service_env)},
-            self.log_path,
-            run_args,
-        )
-        return Target([service.url], service.jwt_secret, process=service.process)
+        settings = {**UNLIMITED, **dict(args.service_env)}
+        return await start_service(args.db_dsn, args.amqp_url, settings, self.log_path, run_args)
 
     async def seed(self) -> None:
         started = time.monotonic()
@@ -171,20 +123,13 @@ class ServiceRun:
         )
 
     def token(self, user_index: int) -> str:
-        if user_index not in self.tokens:
-            user_id = self.population.user_id(user_index)
-            self.tokens[user_index] = issue_token(user_id, self.target.jwt_secret, TOKEN_TTL)
-        return self.tokens[user_index]
+        return self.target.token(self.population.user_id(user_index))
 
     async def open_sessions(self) -> dict[str, Any]:
         """Open every session, measuring what their set-up cost the service and the broker."""
         args, pop = self.args, self.population
         self.clients = [
-            FeedClient(
-                i,
-                self.target.websocket_url(i, pop.user_id(u), self.token(u)),
-                self.connect_tracker,
-            )
+            FeedClient(i, self.target.feed_url(pop.user_id(u), i), self.connect_tracker)
             for i, u in enumerate(pop.session_users)
         ]
         self.say(f"opening {len(self.clients):,} sessions...")
@@ -269,16 +214,9 @@ class ServiceRun:
         """The service's own counters (one process per URL answers), to compare with ours."""
         found = []
         for url in self.target.urls:
-            try:
-                response = await AsyncHTTPClient().fetch(f"{url}/metrics", request_timeout=5)
-            except (HTTPClientError, OSError):
-                continue
-            values = {}
-            for line in response.body.decode().splitlines():
-                name, _, value = line.partition(" ")
-                if name in SERVICE_METRICS:
-                    values[name] = float(value)
-            found.append(values)
+            values = await read_metrics(url, SERVICE_METRICS)
+            if values is not None:
+                found.append(values)
         return found
 
     def snapshot_memory(self) -> dict[str, int]:
