@@ -1,7 +1,7 @@
 """What crosses a wire, defined once: ids, the websocket frames, close codes and their reasons,
 and the RabbitMQ routing that carries posts and follow changes between instances.
 
-The README documents each of these; clients (static/index.html, bench/) and other instances of the
+docs/ documents each of these; clients (static/index.html, bench/) and other instances of the
 service (any version that shares the vhost) depend on them.
 """
 
