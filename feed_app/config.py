@@ -75,13 +75,13 @@ class Settings:
     shutdown_timeout: float = 10.0
     gc_young_threshold: int = 50_000
     demo: bool = False
-    # Limits (README, "Limits"): each a token bucket per key, or a count per process.
+    # Limits (docs/limits.md): each a token bucket per key, or a count per process.
     login_rate_user: Rate = Rate(10, 60)
     login_rate_address: Rate = Rate(30, 60)
     register_rate: Rate = Rate(20, 3600)
     post_rate: Rate = Rate(30, 60)
     follow_rate: Rate = Rate(60, 60)
-    # A socket binds once per followed author: the cap bounds its set-up (README, "Limits").
+    # A socket binds once per followed author: the cap bounds its set-up (docs/limits.md).
     follow_max: int = 1000
     hash_workers: int = 1
     hash_queue: int = 16

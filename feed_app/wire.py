@@ -2,7 +2,7 @@
 the RabbitMQ routing that carries posts and follow changes between instances, and the names of
 the queues the service declares (each made here, and read back by the same module).
 
-The README documents each of these; clients (static/index.html, bench/) and other instances of the
+docs/ documents each of these; clients (static/index.html, bench/) and other instances of the
 service (any version that shares the vhost) depend on them.
 """
 

@@ -166,7 +166,7 @@ def test_every_operation_answers_as_documented_and_refusals_change_nothing(
     before = row_counts()
     response = case.call(base_url=service_url, timeout=10)
     REQUESTS[f"http {response.status_code // 100}xx"] += 1
-    # Following oneself is schema-valid and refused with 400 (README): the one schema-valid
+    # Following oneself is schema-valid and refused with 400 (docs/api.md): the one schema-valid
     # request the service rightly refuses.
     oneself = case.operation.definition.raw.get("operationId") in ("follow", "unfollow") and (
         str((case.path_parameters or {}).get("id")) == str(KNOWN["me"])
