@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -249,6 +250,8 @@ class Cluster:
         or half-stopped cluster, so it also cleans up after a failed `up`."""
         self.balancer.stop()
         _each(lambda instance: processes.stop(instance.pid, INSTANCE_STOP_TIMEOUT), self.instances)
+        for node, other in itertools.combinations(self.nodes, 2):
+            node.restore_link(other)  # a test's partition, left by its failure
         _each(Node.stop, self.nodes)
         for node in self.nodes:
             node.remove_files()

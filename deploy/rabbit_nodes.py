@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import pwd
+import shutil
 import string
 import subprocess
 
@@ -73,6 +74,13 @@ class Node:
         return f"127.0.0.1:{self.amqp_port}"
 
     @property
+    def dist_source(self) -> str:
+        """The loopback address this node's distribution connections leave from: one of its own
+        (every 127.x.y.z is loopback), so that a rule can cut the link between two nodes and
+        leave every other connection alone (cut_link)."""
+        return f"127.{self.dist_port >> 8}.{self.dist_port & 255}.2"
+
+    @property
     def pid_file(self) -> pathlib.Path:
         return self.directory / "data" / "pid"
 
@@ -95,7 +103,8 @@ class Node:
             f"RABBITMQ_LOG_BASE={data / 'log'}",
             f"RABBITMQ_PID_FILE={self.pid_file}",
             "ERL_EPMD_ADDRESS=127.0.0.1",
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-kernel inet_dist_use_interface {127,0,0,1}"
+            f" -kernel inet_dist_connect_options [{{ip,{{{self.dist_source.replace('.', ',')}}}}}]",
         ]
 
     def _write_files(self) -> None:
@@ -170,20 +179,49 @@ class Node:
         self.ctl("join_cluster", seed.name)
         self.ctl("start_app")
 
-    def cut_link(self, other: Node, seconds: float) -> None:
-        """A network partition between this node and `other`, staged on one machine: for
-        `seconds`, a process on this node takes their Erlang distribution link down every 20 ms.
-        Every client connection stays open, as in a real partition (a stopped or killed node
-        would close them). Returns at once; the link comes back by itself afterwards."""
-        rounds = max(1, round(seconds / 0.02))
-        cut = (
-            "spawn(fun() ->"
-            " Cut = fun(_, 0) -> ok;"
-            f" (Again, N) -> erlang:disconnect_node('{other.name}'), timer:sleep(20),"
-            " Again(Again, N - 1) end,"
-            f" Cut(Cut, {rounds}) end), ok."
-        )
-        self.ctl("eval", cut)
+    def cut_link(self, other: Node) -> None:
+        """A network partition between this node and `other`, until restore_link: every packet
+        between them is dropped (iptables, on loopback), while their connections with clients,
+        with the third node and with rabbitmqctl go on. The link is then dropped at once, as
+        RabbitMQ would drop it after net_ticktime (60 s) of silence, and cannot come back."""
+        for rule in self._link_rules(other):
+            subprocess.run([*as_root(), "iptables", "-I", "OUTPUT", *rule], check=True)
+        self.ctl("eval", f"erlang:disconnect_node('{other.name}').")
+
+    def restore_link(self, other: Node) -> None:
+        """End a cut_link (nothing if there is none): the nodes may connect again."""
+        if not shutil.which("iptables"):
+            return  # then no link was ever cut here
+        for rule in self._link_rules(other):
+            while (
+                subprocess.run(
+                    [*as_root(), "iptables", "-D", "OUTPUT", *rule], capture_output=True
+                ).returncode
+                == 0
+            ):
+                pass  # a rule inserted twice is deleted twice
+
+    def _link_rules(self, other: Node) -> list[list[str]]:
+        """Both directions of both connections either node may open to the other."""
+        rules = []
+        for node, peer in ((self, other), (other, self)):
+            rules.append(["-s", node.dist_source, "-p", "tcp", "--dport", str(peer.dist_port)])
+            rules.append(["-d", node.dist_source, "-p", "tcp", "--sport", str(peer.dist_port)])
+        comment = ["-m", "comment", "--comment", f"feed link cut {self.name} {other.name}"]
+        return [[*rule, *comment, "-j", "DROP"] for rule in rules]
+
+    def partitions(self) -> dict[str, list[str]]:
+        """Node -> the nodes it is partitioned from, as this node sees it ({} when whole)."""
+        status = json.loads(self.ctl("cluster_status", "--formatter", "json"))
+        return status.get("partitions") or {}
+
+    def set_partition_handling(self, mode: str) -> None:
+        """Change cluster_partition_handling on the running node (until it restarts: its
+        configuration file says pause_minority). The tests use `ignore`, RabbitMQ's default, to
+        show that the service heals when the broker does nothing."""
+        if mode not in ("ignore", "pause_minority", "autoheal"):
+            raise ValueError(f"not a partition handling mode: {mode!r}")
+        self.ctl("eval", f"application:set_env(rabbit, cluster_partition_handling, {mode}).")
 
     def running_nodes(self) -> list[str]:
         """The cluster's running nodes, as this node sees them."""

@@ -50,6 +50,8 @@ GAP = 2  # confirmed beats of a peer not heard before its path counts as broken
 LIVE_WITHIN = 5.0  # seconds: a peer that has not reported for longer is gone, not silent
 MOVE_WAIT = 4.0  # seconds before moving when all peers but one are heard (less when fewer are)
 MOVE_SPACING_CAP = 16.0  # seconds: the longest wait between two moves while nothing is whole
+BIND_WAIT = 5.0  # seconds a connected process may go without its heartbeat queue bound
+CONFIRM_WAIT = 5.0  # seconds of this process's beats left unconfirmed before it moves
 
 
 def new_process_id() -> str:
@@ -155,6 +157,8 @@ class Heartbeats(Protocol):
 
     @property
     def is_bound(self) -> bool: ...
+    @property
+    def is_connected(self) -> bool: ...
     def publish(self, beat: int) -> asyncio.Future: ...
 
 
@@ -180,9 +184,11 @@ class PathCheck:
         self.broken_since: float | None = None  # time.time() the path broke, while it is broken
         self._beat = 0  # the last beat sent
         self._confirmed = 0  # the last beat the broker confirmed
+        self._bound_after = 0  # the last beat sent before the current connection's bind
         self._moves = 0  # moves in the current break
         self._move_at: float | None = None  # monotonic time of the next move, while broken
         self._last_move = 0.0
+        self._unbound_since: float | None = None  # monotonic: connected, heartbeat queue not bound
         self._task: asyncio.Task | None = None
 
     def report(self) -> dict[str, object]:
@@ -205,6 +211,7 @@ class PathCheck:
 
     def on_bound(self) -> None:
         self.judge.on_bound()
+        self._bound_after = self._beat  # beats sent on a connection since lost never confirm
 
     def on_lost(self) -> None:
         self.judge.on_lost()
@@ -226,6 +233,8 @@ class PathCheck:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(BEAT)
+            self._check_bound()
+            self._check_confirms()
             self._send_beat()
             generation = self.judge.generation
             try:
@@ -237,6 +246,30 @@ class PathCheck:
             verdict = self.judge.judge(now, reports, generation)
             if verdict is not None:
                 self._act(verdict)
+
+    def _check_bound(self) -> None:
+        """A node that accepts the connection but never answers the set-up on it (a node in a
+        partition can hang so) gives no verdict at all: leave it after BIND_WAIT."""
+        if self.heartbeats is None or not self.heartbeats.is_connected or self.heartbeats.is_bound:
+            self._unbound_since = None
+            return
+        now = time.monotonic()
+        if self._unbound_since is None:
+            self._unbound_since = now
+        elif now - self._unbound_since >= BIND_WAIT:
+            self._unbound_since = None
+            self._move(f"the node set nothing up in {BIND_WAIT:.0f} s")
+
+    def _check_confirms(self) -> None:
+        """A node that takes this process's posts and confirms none (one hung in a partition
+        waits on the other side for as long as Erlang takes to notice, 60 s) holds them all in
+        the outbox: leave it after CONFIRM_WAIT, and the outbox publishes them through the next
+        node. Peers do not count this process silent meanwhile, since nothing it sends is
+        confirmed."""
+        waiting = self._beat - max(self._confirmed, self._bound_after)
+        if waiting * BEAT >= CONFIRM_WAIT and self.heartbeats is not None:
+            self._bound_after = self._beat
+            self._move(f"the node confirmed none of {waiting} heartbeats")
 
     def _send_beat(self) -> None:
         if self.heartbeats is None or not self.heartbeats.is_bound:

@@ -16,13 +16,14 @@ PACKAGE = "feed_app"
 # Bottom first. A module may import modules of its own layer and of the layers below it. An entry
 # names a module or a package (with everything in it).
 LAYERS = [
-    ("settings and formats", {"feed_app.config", "feed_app.wire"}),
+    ("settings and formats", {"feed_app.config", "feed_app.wire", "feed_app.pids"}),
     ("the broker seam", {"feed_app.fanout"}),
     (
         "stores and connections",
         {"feed_app.horizon", "feed_app.metrics", "feed_app.db", "feed_app.auth", "feed_app.broker"},
     ),
     ("feeds", {"feed_app.sessions", "feed_app.relay", "feed_app.path_check"}),
+    ("demo data", {"feed_app.demo"}),
     ("HTTP toolkit", {"feed_app.httpkit"}),
     ("HTTP edge and limits", {"feed_app.edge", "feed_app.limits"}),
     ("HTTP handlers", {"feed_app.handlers", "feed_app.feed_socket"}),

@@ -46,6 +46,9 @@ from feed_app.fanout import BrokerListener, BrokerUnavailable
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
+# Seconds a node has to answer the opening of a connection (channels, confirms), and to answer
+# a close: a node in a partition can hang on both, and must not hold the process on it.
+SETUP_TIMEOUT, CLOSE_TIMEOUT = 10.0, 2.0
 ACKED_ALONE_COMPACTION = 4096
 
 
@@ -224,6 +227,9 @@ class Broker:
             parameters.heartbeat = 15  # find a dead broker in ~30 s rather than pika's 60 s
         parameters.connection_attempts = 1  # retries are ours, with backoff
         parameters.socket_timeout = 5
+        # pika allows 15 s for TCP and the AMQP handshake: a node hung in a partition would hold
+        # the process that long before the next node of the list is tried.
+        parameters.stack_timeout = 5
         parameters.blocked_connection_timeout = 30
         return parameters
 
@@ -268,6 +274,14 @@ class Broker:
             log.warning("%s: reconnecting", reason)
             # The reason goes to the broker as an AMQP short string: 255 bytes at most.
             connection.close(320, reason.encode()[:255].decode(errors="ignore"))
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abandon, connection)
+
+    def _abandon(self, connection: AsyncioConnection) -> None:
+        """Drop a connection whose close the node never answered, as pika drops one whose
+        heartbeats stopped: the usual lost-connection path follows at once."""
+        if not connection.is_closed:
+            log.warning("RabbitMQ did not answer the close in %.0f s: dropping it", CLOSE_TIMEOUT)
+            connection._terminate_stream(BrokerUnavailable("the node did not answer the close"))
 
     def _connect(self) -> None:
         url = self._nodes.next()
@@ -324,12 +338,7 @@ class Broker:
 
     async def _open_publishing(self, connection: AsyncioConnection) -> None:
         try:
-            self._publish_channel = await self.open_channel(connection)
-            await self._publish_channel.call(
-                self._publish_channel.pika.confirm_delivery, self._on_confirm
-            )
-            self._next_delivery_tag = 1
-            await self._declare_overflow_queue(self._publish_channel)
+            await asyncio.wait_for(self._set_up_publishing(connection), SETUP_TIMEOUT)
         except AMQP_FAILURES as exc:
             # A connection that died is reconnected by _on_connection_closed; one that is still
             # up but could not set up its channels is closed, so that path reconnects it too.
@@ -345,6 +354,14 @@ class Broker:
         log.info("RabbitMQ connection open")
         for listener in list(self.listeners):
             listener.on_broker_open()
+
+    async def _set_up_publishing(self, connection: AsyncioConnection) -> None:
+        self._publish_channel = await self.open_channel(connection)
+        await self._publish_channel.call(
+            self._publish_channel.pika.confirm_delivery, self._on_confirm
+        )
+        self._next_delivery_tag = 1
+        await self._declare_overflow_queue(self._publish_channel)
 
     async def open_channel(
         self, connection: AsyncioConnection | None = None, *, prefetch: int | None = None

@@ -52,6 +52,10 @@ class HeartbeatLink:
     def is_bound(self) -> bool:
         return self._channel is not None and self._channel.is_open
 
+    @property
+    def is_connected(self) -> bool:
+        return self.broker.is_open
+
     def publish(self, beat: int) -> asyncio.Future:
         """Send one beat; the future resolves when the broker confirmed it (BrokerUnavailable
         when there is no connection)."""
