@@ -210,9 +210,9 @@ class Node:
         comment = ["-m", "comment", "--comment", f"feed link cut {self.name} {other.name}"]
         return [[*rule, *comment, "-j", "DROP"] for rule in rules]
 
-    def partitions(self) -> dict[str, list[str]]:
+    def partitions(self, timeout: float = CTL_TIMEOUT) -> dict[str, list[str]]:
         """Node -> the nodes it is partitioned from, as this node sees it ({} when whole)."""
-        status = json.loads(self.ctl("cluster_status", "--formatter", "json"))
+        status = json.loads(self.ctl("cluster_status", "--formatter", "json", timeout=timeout))
         return status.get("partitions") or {}
 
     def set_partition_handling(self, mode: str) -> None:

@@ -7,18 +7,26 @@ import asyncio
 import dataclasses
 import io
 import os
+import pathlib
 import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import pika
 import psycopg2
 import pytest
 
+from deploy.cluster import Cluster, Ports
+from deploy.processes import alive
 from feed_app.app import Service, make_app
 from feed_app.config import MODES, Settings, rate
 from feed_app.db import drop_database, prepare_database
+from tests import cluster_tools
+from tests.cluster_clients import Scene
 from tests.faults import ServiceProcess, TcpProxy, endpoint_of, free_port
 from tests.support import Api, inspect_fanout
 
@@ -216,3 +224,69 @@ def _report_fuzzing(terminalreporter) -> None:
     if fuzz and sum(fuzz.REQUESTS.values()):
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(fuzz.REQUESTS.items()))
         terminalreporter.write_line(f"fuzzing: {sum(fuzz.REQUESTS.values())} requests ({counts})")
+
+
+# --- a cluster of our own (tests/cluster_tools.py), once per module that asks for one -----------
+
+
+@pytest.fixture(scope="module")
+def fault_table(request) -> Any:
+    """The module's fault table: its rows are printed at the end and written to the module's
+    FAULT_TABLE."""
+    table = request.module.FAULT_TABLE
+    rows: list[tuple[str, str, int, int, str]] = []
+    yield rows
+    lines = ["| fault | time to heal | lost | dup | notes |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(str(cell) for cell in row)} |" for row in rows]
+    text = "\n".join(lines)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(text + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown even when the tests pass
+            reporter.write_line(
+                f"\ncluster faults (also in {table.relative_to(cluster_tools.ROOT)}):"
+            )
+            reporter.write_line(text)
+
+
+@pytest.fixture(scope="module")
+def cluster(db_dsn, fault_table) -> Any:
+    cluster_tools.ensure_cluster_tools()
+    name = f"feedt{secrets.token_hex(3)}"
+    cluster = Cluster(
+        pathlib.Path("/tmp") / name,
+        node_prefix=name,
+        ports=Ports(balancer=0, first_instance=0, first_amqp=0),
+        db_dsn=db_dsn,
+        hard_stop_after=f"{cluster_tools.HARD_STOP_AFTER}s",
+        instance_env={
+            **NO_LIMITS_ENV,
+            "FEED_OUTBOX_LEASE": str(cluster_tools.OUTBOX_LEASE),
+            "FEED_SHUTDOWN_TIMEOUT": "5",
+        },
+    )
+    started = time.monotonic()
+    cluster.up(node_count=3, instance_count=3, demo=False)
+    fault_table.append(
+        ("`cluster up` (3 nodes, 3 instances, HAProxy)", "", 0, 0, cluster_tools.took(started))
+    )
+    yield cluster
+    pids = [i.pid for i in cluster.instances] + [cluster.balancer.pid]
+    beams = [node.beam_pid() for node in cluster.nodes]
+    started = time.monotonic()
+    cluster.down()
+    fault_table.append(("`cluster down`", "", 0, 0, cluster_tools.took(started)))
+    assert not cluster.run_dir.exists()
+    assert not [pid for pid in pids + beams if alive(pid)], "left running"
+    pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()  # the machine's node is fine
+
+
+@pytest.fixture
+def scene(io_loop, cluster, db_dsn) -> Any:
+    """An author posting steadily and feeds of its followers on every instance, all through the
+    balancer (tests/cluster_clients.py)."""
+    scene = Scene(Api(cluster.balancer.url), db_dsn)
+    yield scene
+    io_loop.run_sync(scene.close)

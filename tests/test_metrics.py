@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient
 
+from feed_app.metrics import GAUGES as EXPORTED_GAUGES
 from feed_app.metrics import LATENCY, LATENCY_BOUNDS, Exporter, Metrics
 from tests.faults import ServiceProcess
 from tests.support import Api
@@ -116,7 +117,7 @@ def test_flushed_counts_render_as_prometheus_client_counts_them():
     render as the same histogram and counter that prometheus_client's own observe()/inc() give,
     bucket boundaries included."""
     metrics = Metrics()
-    exporter = Exporter(metrics, lambda: dict.fromkeys(GAUGES, 0), lambda: None, {})
+    exporter = Exporter(metrics, lambda: dict.fromkeys(EXPORTED_GAUGES, 0), lambda: None, {})
     registry = prometheus_client.CollectorRegistry()
     reference = prometheus_client.Histogram(*LATENCY, buckets=LATENCY_BOUNDS, registry=registry)
     deliveries = prometheus_client.Counter("feed_deliveries_total", "", registry=registry)
