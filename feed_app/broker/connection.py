@@ -40,6 +40,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
+from feed_app.broker.once_per_turn import OncePerTurn
 from feed_app.config import redact_url
 from feed_app.fanout import BrokerListener, BrokerUnavailable
 
@@ -83,7 +84,7 @@ class Channel:
         self._settled: set[int] = set()  # ready to ack
         self._acked_alone: set[int] = set()  # acked individually, still in _unacked
         self._through = 0  # ack_through: the newest tag to acknowledge with all before it
-        self._flush_scheduled = False
+        self._flush = OncePerTurn(self._flush_acks)
         channel.add_on_close_callback(self._on_closed)
 
     def delivered(self, delivery_tag: int) -> None:
@@ -94,19 +95,13 @@ class Channel:
         consumer that settles every message as it arrives (the process queue): one frame per
         turn whatever the number of messages, and no bookkeeping per message."""
         self._through = delivery_tag
-        self._schedule_flush()
+        self._flush.ask()
 
     def ack(self, delivery_tag: int) -> None:
         self._settled.add(delivery_tag)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._flush.ask()
 
     def _flush_acks(self) -> None:
-        self._flush_scheduled = False
         if not self.pika.is_open:
             return
         if self._through:

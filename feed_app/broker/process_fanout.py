@@ -34,6 +34,7 @@ from feed_app import wire
 from feed_app.broker import messages
 from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
 from feed_app.broker.fanout_base import BrokerFanout
+from feed_app.broker.once_per_turn import OncePerTurn
 from feed_app.fanout import BrokerUnavailable, Subscriber
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class ProcessFanout(BrokerFanout):
         self._channel: Channel | None = None
         self._setup: Channel | None = None
         self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
-        self._flush_scheduled = False
+        self._flush = OncePerTurn(self._bind_asked)
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
         self._healing: asyncio.TimerHandle | None = None
@@ -264,7 +265,7 @@ class ProcessFanout(BrokerFanout):
                 if route.state is Binding.UNBOUND:
                     route.state = Binding.BOUND
                 self._to_bind.append(key)
-                self._schedule_flush()
+                self._flush.ask()
             if not future.done():
                 waiting.append(future)
         if waiting:
@@ -272,13 +273,8 @@ class ProcessFanout(BrokerFanout):
             # by _set_up); one waiter cancelled (its socket closed) must not cancel them.
             await asyncio.gather(*(asyncio.shield(future) for future in waiting))
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
+    def _bind_asked(self) -> None:
+        """Send the binds asked for since the last flush, with one barrier behind them."""
         keys_asked = self._to_bind
         keys, self._to_bind = [], []
         for key in keys_asked:
@@ -357,6 +353,6 @@ class ProcessFanout(BrokerFanout):
                 route.state = Binding.BOUND if route.subscribers else Binding.IDLE
                 if route.state is Binding.IDLE:
                     self._start_unbind_timer()
-                self._schedule_flush()
+                self._flush.ask()
         if unbinder.is_open and self._setup is not None:
             self._unbind_next(unbinder)
