@@ -1,7 +1,7 @@
 """The process's one AMQP connection to RabbitMQ, kept alive as an explicit state machine.
 
     CLOSED --start()--> CONNECTING --opened--> OPEN --lost--> WAITING --backoff--> CONNECTING ...
-                                               OPEN --stop()--> CLOSING --> CLOSED
+    any state --stop()--> STOPPING --closed--> STOPPED
 
 Why one connection and a handful of channels: every websocket session needs its posts, but a
 channel per session would run into the broker's channel_max (2047 by default), and exceeding it
@@ -59,11 +59,12 @@ AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPEr
 
 
 class State(enum.Enum):
-    CLOSED = "closed"
+    CLOSED = "closed"  # not started
     CONNECTING = "connecting"
     OPEN = "open"
-    WAITING = "waiting"
-    CLOSING = "closing"
+    WAITING = "waiting"  # the backoff before the next attempt
+    STOPPING = "stopping"  # stop() closes the connection; nothing reconnects from here on
+    STOPPED = "stopped"  # stop() is done: the broker stays closed
 
 
 class Channel:
@@ -213,7 +214,6 @@ class Broker:
         self._closed = asyncio.Event()
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._opening: asyncio.Task | None = None
-        self._stopping = False
 
     @staticmethod
     def _parameters_from(url: str) -> pika.URLParameters:
@@ -243,16 +243,19 @@ class Broker:
 
     async def stop(self) -> None:
         """Close the connection and stay closed: no reconnect is scheduled from here on."""
-        self._stopping = True
+        self.state = State.STOPPING
         if self._reconnect_handle:
             self._reconnect_handle.cancel()
         connection = self._connection
         if connection is not None and not connection.is_closed:
             if not connection.is_closing:
-                self.state = State.CLOSING
                 connection.close()
             await self._closed.wait()
-        self.state = State.CLOSED
+        self.state = State.STOPPED
+
+    @property
+    def _stopping(self) -> bool:
+        return self.state in (State.STOPPING, State.STOPPED)
 
     @property
     def connection(self) -> AsyncioConnection | None:
@@ -317,7 +320,6 @@ class Broker:
         was_open = self.state is State.OPEN
         self._forget_channels(reason)
         if self._stopping:
-            self.state = State.CLOSED
             self._closed.set()
             return
         log.warning("RabbitMQ connection lost: %s", reason)
