@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import functools
 import logging
 import time
@@ -96,6 +97,25 @@ class SeenPosts:
         self._ids = set(self._order)
 
 
+class SessionPhase(enum.Enum):
+    """Where a session is in its life; it says whether live posts are held or written."""
+
+    STARTING = enum.auto()  # the first sync has not sent its ready frame: live posts are held
+    SYNCING = enum.auto()  # ready, but a sync reads what may have been missed: posts are held
+    LIVE = enum.auto()  # live posts are written as they come
+    CLOSED = enum.auto()  # nothing more is written; the fan-out has forgotten the session
+
+
+# The phases each phase may move to. A closed session stays closed: a task whose cancellation
+# was lost (see FeedSession._check_open) may still try to move it on, and that is ignored.
+_NEXT_PHASES = {
+    SessionPhase.STARTING: {SessionPhase.SYNCING, SessionPhase.CLOSED},
+    SessionPhase.SYNCING: {SessionPhase.LIVE, SessionPhase.CLOSED},
+    SessionPhase.LIVE: {SessionPhase.SYNCING, SessionPhase.CLOSED},
+    SessionPhase.CLOSED: set(),
+}
+
+
 class FeedSession:
     def __init__(
         self,
@@ -118,12 +138,14 @@ class FeedSession:
         self.following: set[int] = set()  # the feed shows their posts and the user's own
         # Ids stay remembered while the outbox may still republish a post before them.
         self.seen = SeenPosts(keep_for=3 * settings.outbox_lease)
-        self.ready = False
-        self.closed = False
-        self._history_pending = True  # the first sync sends history (or the resume read)
-        # Live posts wait here while a sync sends what it read from the database, each with the
+        self.phase = SessionPhase.STARTING
+        # What the next sync reads: the history (newest posts) until one read set the floor,
+        # else everything after the floor. Not a phase: a history read without a horizon
+        # leaves it pending even once the session is live.
+        self._history_pending = True
+        # Live posts wait here while the phase holds them (STARTING, SYNCING), each with the
         # future that tells the fan-out when it has been written (or dropped).
-        self._held: list[tuple[Delivery, asyncio.Future]] | None = []
+        self._held: list[tuple[Delivery, asyncio.Future]] = []
         self._lock = asyncio.Lock()  # one sync or follow change at a time
         self._sync_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # follow changes and checkpoints in flight
@@ -134,6 +156,22 @@ class FeedSession:
         self._unsent_bytes = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """The first sync has read and sent what the client lacked, and its ready frame is due."""
+        return self.phase in (SessionPhase.SYNCING, SessionPhase.LIVE)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is SessionPhase.CLOSED
+
+    def _enter(self, phase: SessionPhase) -> None:
+        if self.phase is SessionPhase.CLOSED:
+            return
+        if phase not in _NEXT_PHASES[self.phase]:
+            raise RuntimeError(f"session phase {self.phase.name} cannot become {phase.name}")
+        self.phase = phase
 
     def start(self, since: int | None) -> None:
         if since is not None:
@@ -150,15 +188,15 @@ class FeedSession:
         tuned for throughput (run.py), cycles would wait minutes for a full collection."""
         if self.closed:
             return
-        self.closed = True
+        self._enter(SessionPhase.CLOSED)
         self.fanout.detach(self)
         tasks = [self._sync_task, *self._tasks] if self._sync_task else list(self._tasks)
         self._sync_task, self._tasks = None, set()
         for task in tasks:
             task.cancel()
-        for _delivery, done in self._held or ():
+        held, self._held = self._held, []
+        for _delivery, done in held:
             done.set_result(None)  # unwritten: session mode acks it, so others' acks can go
-        self._held = None
         if code is not None:
             self.socket.close(code, code.reason)
         self.on_closed(self)
@@ -167,8 +205,8 @@ class FeedSession:
 
     def on_fanout_lost(self) -> None:
         # Live posts may be missed from here on; hold what comes until the next sync caught up.
-        if self._held is None:
-            self._held = []
+        if self.phase is SessionPhase.LIVE:
+            self._enter(SessionPhase.SYNCING)
 
     def on_fanout_ready(self) -> None:
         self._resync()
@@ -185,7 +223,7 @@ class FeedSession:
     def on_post(self, delivery: Delivery) -> asyncio.Future | None:
         if self.closed:
             return None
-        if self._held is None:
+        if self.phase is SessionPhase.LIVE:
             return self._deliver(delivery)
         if len(self._held) >= self.settings.session_queue_max:
             self.on_overflow()
@@ -224,7 +262,7 @@ class FeedSession:
                     await self._send_posts_after_floor(self._authors())
                 self._floor_authors = set(self.following)
                 if not self.ready:
-                    self.ready = True
+                    self._enter(SessionPhase.SYNCING)
                     await self._send(wire.ready_frame(len(self.following)))
                 await self._send_checkpoint()
                 self._release_held()
@@ -313,7 +351,8 @@ class FeedSession:
             await self._send(wire.checkpoint_frame(self._checkpoint))
 
     def _release_held(self) -> None:
-        held, self._held = self._held or [], None
+        held, self._held = self._held, []
+        self._enter(SessionPhase.LIVE)
         for delivery, done in held:
             written = self._deliver(delivery)
             if written is None or written.done():

@@ -96,11 +96,11 @@ async def test_idle_authors_are_unbound_one_by_one_and_one_followed_again_stays_
         leaving = QuietSubscriber(base - 1)
         await fanout.attach(leaving, authors)
         fanout.detach(leaving)
-        await wait_until(lambda: bool(fanout._unbinding))  # unbinding has begun
+        await wait_until(lambda: fanout.unbinds_out > 0)  # unbinding has begun
         coming = RecordingSubscriber(base - 2)
         again = [authors[0], authors[-1]]  # one unbound already, one not yet
         await fanout.attach(coming, again)
-        await wait_until(lambda: fanout.bindings == 3 and not fanout._unbinding, timeout=20)
+        await wait_until(lambda: fanout.bindings == 3 and fanout.unbinds_out == 0, timeout=20)
         for post_id, author in enumerate(again, start=base):
             frame = post_frame({"id": post_id})
             await service.broker.publish_post(author, post_id, frame, created_ms=0)

@@ -11,7 +11,8 @@ import psycopg2
 import pytest
 
 from feed_app import demo, wire
-from feed_app.broker.connection import Channel, NodeList
+from feed_app.broker.channel import Channel
+from feed_app.broker.nodes import NodeList
 from feed_app.config import Rate, Settings, parse_settings, rate, redact_url, trusted_networks
 from feed_app.db import Post, prepare_database
 from feed_app.edge import client_address

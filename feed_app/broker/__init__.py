@@ -1,8 +1,9 @@
 """The broker layer: every pika call of the service is in this package.
 
-connection.py holds the process's one AMQP connection; session_fanout.py and process_fanout.py
-are the two ways of getting posts to feed sessions, and the connection is how the outbox relay
-publishes (feed_app/fanout.py is the seam: Fanout, Publisher, BrokerUnavailable).
+connection.py holds the process's one AMQP connection (channel.py its channels, nodes.py the
+nodes it tries in turn); session_fanout.py and process_fanout.py are the two ways of getting posts
+to feed sessions, and the connection is how the outbox relay publishes (feed_app/fanout.py is
+the seam: Fanout, Publisher, BrokerUnavailable).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The process's one AMQP connection to RabbitMQ, kept alive as an explicit state machine.
 
     CLOSED --start()--> CONNECTING --opened--> OPEN --lost--> WAITING --backoff--> CONNECTING ...
-                                               OPEN --stop()--> CLOSING --> CLOSED
+    any state --stop()--> STOPPING --closed--> STOPPED
 
 Why one connection and a handful of channels: every websocket session needs its posts, but a
 channel per session would run into the broker's channel_max (2047 by default), and exceeding it
@@ -25,7 +25,6 @@ every listener heals the one way it already knows (declare, bind, read back from
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import logging
 import random
@@ -40,6 +39,8 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
+from feed_app.broker.channel import Channel
+from feed_app.broker.nodes import NodeList
 from feed_app.config import redact_url
 from feed_app.fanout import BrokerListener, BrokerUnavailable
 
@@ -49,7 +50,6 @@ BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
 # Seconds a node has to answer the opening of a connection (channels, confirms), and to answer
 # a close: a node in a partition can hang on both, and must not hold the process on it.
 SETUP_TIMEOUT, CLOSE_TIMEOUT = 10.0, 2.0
-ACKED_ALONE_COMPACTION = 4096
 
 
 # What a set-up step on a connection can fail with: the connection or channel went away, the
@@ -58,135 +58,12 @@ AMQP_FAILURES = (BrokerUnavailable, asyncio.TimeoutError, pika.exceptions.AMQPEr
 
 
 class State(enum.Enum):
-    CLOSED = "closed"
+    CLOSED = "closed"  # not started
     CONNECTING = "connecting"
     OPEN = "open"
-    WAITING = "waiting"
-    CLOSING = "closing"
-
-
-class Channel:
-    """A pika channel whose synchronous methods are awaitable and fail when the channel dies, and
-    whose acknowledgements are coalesced.
-
-    Why coalesce: one post fans out to every session on a channel within one event-loop turn, and
-    an ack frame each (encoded by pika, one send() each) cost as much as the deliveries. So acks
-    wait for the end of the turn; the longest run of settled tags from the oldest unacknowledged
-    one goes as a single `multiple` ack, and only tags behind a slow session's pending write are
-    acknowledged one by one (so a slow client never holds back the others' prefetch).
-    """
-
-    def __init__(self, channel: pika.channel.Channel) -> None:
-        self.pika = channel
-        self._pending: set[asyncio.Future] = set()
-        self._unacked: collections.deque[int] = collections.deque()  # delivery order
-        self._settled: set[int] = set()  # ready to ack
-        self._acked_alone: set[int] = set()  # acked individually, still in _unacked
-        self._through = 0  # ack_through: the newest tag to acknowledge with all before it
-        self._flush_scheduled = False
-        channel.add_on_close_callback(self._on_closed)
-
-    def delivered(self, delivery_tag: int) -> None:
-        self._unacked.append(delivery_tag)
-
-    def ack_through(self, delivery_tag: int) -> None:
-        """Acknowledge this delivery and every earlier one, at the end of the turn. For a
-        consumer that settles every message as it arrives (the process queue): one frame per
-        turn whatever the number of messages, and no bookkeeping per message."""
-        self._through = delivery_tag
-        self._schedule_flush()
-
-    def ack(self, delivery_tag: int) -> None:
-        self._settled.add(delivery_tag)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
-
-    def _flush_acks(self) -> None:
-        self._flush_scheduled = False
-        if not self.pika.is_open:
-            return
-        if self._through:
-            self.pika.basic_ack(self._through, multiple=True)
-            self._through = 0
-        unacked, settled, acked_alone = self._unacked, self._settled, self._acked_alone
-        last = None
-        while unacked and (unacked[0] in settled or unacked[0] in acked_alone):
-            tag = unacked.popleft()
-            if tag in settled:
-                settled.discard(tag)
-                last = tag
-            else:
-                acked_alone.discard(tag)
-        if last is not None:
-            self.pika.basic_ack(last, multiple=True)
-        for tag in settled:
-            self.pika.basic_ack(tag)
-        acked_alone |= settled
-        settled.clear()
-        if len(acked_alone) > ACKED_ALONE_COMPACTION:
-            # A slow session has kept the oldest tag pending for long: drop the tags acked since
-            # from the queue now, rather than holding them until that write completes.
-            self._unacked = collections.deque(t for t in unacked if t not in acked_alone)
-            acked_alone.clear()
-
-    @property
-    def is_open(self) -> bool:
-        return self.pika.is_open
-
-    async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call a pika method taking `callback=`; wait for the broker's reply frame."""
-        if not self.pika.is_open:
-            raise BrokerUnavailable("channel closed")
-        future = asyncio.get_running_loop().create_future()
-        self._pending.add(future)
-
-        def on_reply(frame: Any) -> None:
-            if not future.done():
-                future.set_result(frame)
-
-        try:
-            method(*args, callback=on_reply, **kwargs)
-            return await future
-        finally:
-            self._pending.discard(future)
-
-    def _on_closed(self, _channel: pika.channel.Channel, reason: Exception) -> None:
-        for future in self._pending:
-            if not future.done():
-                future.set_exception(BrokerUnavailable(f"channel closed: {reason}"))
-
-
-class NodeList:
-    """The RabbitMQ nodes to connect to, in turn: the given URLs, or (when set) the lines of a
-    nodes file, read again at every connection attempt, so that a node added to the cluster
-    while the process runs is used without a restart. An unreadable or empty file falls back to
-    the given URLs."""
-
-    def __init__(self, urls: list[str], nodes_file: str = "") -> None:
-        self.urls = urls
-        self.nodes_file = nodes_file
-        self._turn = 0
-
-    def current(self) -> list[str]:
-        if not self.nodes_file:
-            return self.urls
-        try:
-            with open(self.nodes_file) as lines:
-                urls = [line.strip() for line in lines if line.strip().startswith("amqp")]
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("cannot read the nodes file (%s); using FEED_AMQP_URL", exc)
-            return self.urls
-        return urls or self.urls
-
-    def next(self) -> str:
-        urls = self.current()
-        url = urls[self._turn % len(urls)]
-        self._turn += 1
-        return url
+    WAITING = "waiting"  # the backoff before the next attempt
+    STOPPING = "stopping"  # stop() closes the connection; nothing reconnects from here on
+    STOPPED = "stopped"  # stop() is done: the broker stays closed
 
 
 class Broker:
@@ -218,7 +95,6 @@ class Broker:
         self._closed = asyncio.Event()
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._opening: asyncio.Task | None = None
-        self._stopping = False
 
     @staticmethod
     def _parameters_from(url: str) -> pika.URLParameters:
@@ -248,16 +124,19 @@ class Broker:
 
     async def stop(self) -> None:
         """Close the connection and stay closed: no reconnect is scheduled from here on."""
-        self._stopping = True
+        self.state = State.STOPPING
         if self._reconnect_handle:
             self._reconnect_handle.cancel()
         connection = self._connection
         if connection is not None and not connection.is_closed:
             if not connection.is_closing:
-                self.state = State.CLOSING
                 connection.close()
             await self._closed.wait()
-        self.state = State.CLOSED
+        self.state = State.STOPPED
+
+    @property
+    def _stopping(self) -> bool:
+        return self.state in (State.STOPPING, State.STOPPED)
 
     @property
     def connection(self) -> AsyncioConnection | None:
@@ -322,7 +201,6 @@ class Broker:
         was_open = self.state is State.OPEN
         self._forget_channels(reason)
         if self._stopping:
-            self.state = State.CLOSED
             self._closed.set()
             return
         log.warning("RabbitMQ connection lost: %s", reason)

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
-from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
+from feed_app.broker.channel import Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import functools
 import logging
-import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
+from feed_app.broker.channel import Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker
 from feed_app.broker.fanout_base import BrokerFanout
+from feed_app.broker.once_per_turn import OncePerTurn
 from feed_app.fanout import BrokerUnavailable, Subscriber
 
 log = logging.getLogger(__name__)
@@ -44,21 +47,41 @@ UNBIND_AFTER = 10.0  # seconds an author stays bound without a local follower
 UNBIND_CHANNELS = 4  # unbinds out at once
 
 
+class Binding(enum.Enum):
+    """Where one routing key's binding to the process queue is."""
+
+    UNBOUND = enum.auto()  # followed here, not bound: no connection yet, or it was lost
+    BOUND = enum.auto()  # followed here; bound once KeyState.bound is done
+    IDLE = enum.auto()  # bound (or its bind out), no local follower since KeyState.idle_since
+    DUE = enum.auto()  # idle for UNBIND_AFTER: waits in the due queue for a free unbinder
+    UNBINDING = enum.auto()  # its unbind is out; a bind asked for meanwhile waits for the reply
+
+
+@dataclass(eq=False)
+class KeyState:
+    """One routing key: its state, its local subscribers, its bind and how long it was idle."""
+
+    state: Binding = Binding.UNBOUND
+    subscribers: set[Subscriber] = field(default_factory=set)
+    # Done once bound; None until a bind is asked for (after an unbind, or a lost connection).
+    bound: asyncio.Future | None = None
+    idle_since: float | None = None  # when its last local subscriber left, while it has none
+
+
 class ProcessFanout(BrokerFanout):
     def __init__(self, broker: Broker) -> None:
         super().__init__(broker)
         self.queue = ""  # named anew on every connection (see _set_up)
-        self._subscribers: dict[str, set[Subscriber]] = {}  # routing key -> local subscribers
+        # Routing keys followed here, bound, or on their way out; a key in none of these states
+        # has no entry.
+        self._routes: dict[str, KeyState] = {}
         self._keys: dict[Subscriber, set[str]] = {}  # subscriber -> its routing keys
-        self._bound: dict[str, asyncio.Future] = {}  # routing key -> done once bound
         self._to_bind: list[str] = []  # sent with the next flush
-        self._idle: dict[str, float] = {}  # bound routing key -> when its last subscriber left
         self._due: collections.deque[str] = collections.deque()  # idle long enough: to unbind
         self._channel: Channel | None = None
         self._setup: Channel | None = None
         self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
-        self._unbinding: set[str] = set()  # keys whose unbind is out
-        self._flush_scheduled = False
+        self._flush = OncePerTurn(self._bind_asked)
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
         self._healing: asyncio.TimerHandle | None = None
@@ -71,7 +94,11 @@ class ProcessFanout(BrokerFanout):
 
     @property
     def bindings(self) -> int:
-        return len(self._bound)
+        return sum(route.bound is not None for route in self._routes.values())
+
+    @property
+    def unbinds_out(self) -> int:
+        return sum(route.state is Binding.UNBINDING for route in self._routes.values())
 
     @property
     def channels(self) -> int:
@@ -99,7 +126,7 @@ class ProcessFanout(BrokerFanout):
                 setup, self.queue, QUEUE_MAX, QUEUE_EXPIRES_MS, self._on_queue_overflow
             )
             self._channel, self._setup, self._free_unbinders = channel, setup, unbinders
-            await self._bind_all(list(self._subscribers))
+            await self._bind_all([key for key, route in self._routes.items() if route.subscribers])
             await channel.call(channel.pika.basic_consume, self.queue, self._on_message)
         except AMQP_FAILURES as exc:
             self.broker.reconnect(f"cannot set up the process queue ({exc})", connection)
@@ -107,7 +134,7 @@ class ProcessFanout(BrokerFanout):
         if not self.still_current(connection):
             return
         self._ready.set()
-        log.info("process queue %s bound to %d routing keys", self.queue, len(self._bound))
+        log.info("process queue %s bound to %d routing keys", self.queue, self.bindings)
         for subscriber in list(self._keys):
             subscriber.on_fanout_ready()
 
@@ -120,13 +147,17 @@ class ProcessFanout(BrokerFanout):
             subscriber.on_fanout_lost()
 
     def _fail_bindings(self, error: Exception) -> None:
-        bound, self._bound, self._to_bind, self._idle = self._bound, {}, [], {}
+        """The broker forgot every binding with the connection: what is followed here is bound
+        again by the next _set_up, the rest is forgotten."""
+        routes, self._routes, self._to_bind = self._routes, {}, []
         self._due.clear()
-        self._unbinding = set()
-        for future in bound.values():
-            if not future.done():
+        for key, route in routes.items():
+            future = route.bound
+            if future is not None and not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: whoever waited on it has its own copy
+            if route.subscribers:
+                self._routes[key] = KeyState(subscribers=route.subscribers)
 
     def _on_queue_overflow(self) -> None:
         """The process fell so far behind that the broker dropped posts from its queue: which
@@ -150,7 +181,8 @@ class ProcessFanout(BrokerFanout):
         if channel is None or channel.pika is not pika_channel:
             return  # from before a reconnect
         channel.ack_through(method.delivery_tag)
-        subscribers = self._subscribers.get(method.routing_key)
+        route = self._routes.get(method.routing_key)
+        subscribers = route.subscribers if route is not None else None
         if not subscribers:
             return  # an author nobody here follows any more (its unbind is on its way)
         message = messages.decode(method, properties, body)
@@ -190,23 +222,33 @@ class ProcessFanout(BrokerFanout):
             self._remove(subscriber, key)
 
     def _add(self, subscriber: Subscriber, key: str) -> None:
-        self._subscribers.setdefault(key, set()).add(subscriber)
-        self._idle.pop(key, None)  # bound and about to be unbound: keep it
+        route = self._routes.get(key) or self._routes.setdefault(key, KeyState())
+        route.subscribers.add(subscriber)
+        route.idle_since = None
+        if route.state in (Binding.IDLE, Binding.DUE):
+            route.state = Binding.BOUND  # about to be unbound: keep it
 
     def _remove(self, subscriber: Subscriber, key: str) -> None:
-        subscribers = self._subscribers.get(key)
-        if subscribers is None:
+        route = self._routes.get(key)
+        if route is None or not route.subscribers:
             return
-        subscribers.discard(subscriber)
-        if subscribers:
+        route.subscribers.discard(subscriber)
+        if route.subscribers:
             return
-        del self._subscribers[key]
-        if key in self._bound:
-            self._idle[key] = asyncio.get_running_loop().time()
-            if self._unbind_timer is None:
-                self._unbind_timer = asyncio.get_running_loop().call_later(
-                    UNBIND_AFTER, self._unbind_idle
-                )
+        if route.bound is None:
+            if route.state is Binding.UNBOUND:
+                del self._routes[key]
+            return
+        route.idle_since = asyncio.get_running_loop().time()
+        if route.state is Binding.BOUND:
+            route.state = Binding.IDLE
+        self._start_unbind_timer()
+
+    def _start_unbind_timer(self) -> None:
+        if self._unbind_timer is None:
+            self._unbind_timer = asyncio.get_running_loop().call_later(
+                UNBIND_AFTER, self._unbind_idle
+            )
 
     # --- bindings ------------------------------------------------------------------------------
 
@@ -217,11 +259,14 @@ class ProcessFanout(BrokerFanout):
             raise BrokerUnavailable("not connected to RabbitMQ")
         waiting = []
         for key in keys:
-            future = self._bound.get(key)
+            route = self._routes.get(key) or self._routes.setdefault(key, KeyState())
+            future = route.bound
             if future is None:
-                future = self._bound[key] = asyncio.get_running_loop().create_future()
+                future = route.bound = asyncio.get_running_loop().create_future()
+                if route.state is Binding.UNBOUND:
+                    route.state = Binding.BOUND
                 self._to_bind.append(key)
-                self._schedule_flush()
+                self._flush.ask()
             if not future.done():
                 waiting.append(future)
         if waiting:
@@ -229,26 +274,21 @@ class ProcessFanout(BrokerFanout):
             # by _set_up); one waiter cancelled (its socket closed) must not cancel them.
             await asyncio.gather(*(asyncio.shield(future) for future in waiting))
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        keys, self._to_bind = self._to_bind, []
-        if self._unbinding:
+    def _bind_asked(self) -> None:
+        """Send the binds asked for since the last flush, with one barrier behind them."""
+        keys_asked = self._to_bind
+        keys, self._to_bind = [], []
+        for key in keys_asked:
             # A key whose unbind is out on another channel, bound now, could be unbound after:
             # it waits for the reply (_on_unbound flushes it then).
-            waiting = [key for key in keys if key in self._unbinding]
-            keys = [key for key in keys if key not in self._unbinding]
-            self._to_bind.extend(waiting)
+            waits = self._routes[key].state is Binding.UNBINDING
+            (self._to_bind if waits else keys).append(key)
         setup = self._setup
         if setup is None or not keys:
             return
         for key in keys:
             setup.pika.queue_bind(self.queue, wire.EXCHANGE, key)  # no-wait: one burst
-        futures = [self._bound[key] for key in keys]
+        futures = [self._routes[key].bound for key in keys]
         barrier = asyncio.ensure_future(self._confirm_bound(setup, futures))
         self._barriers.add(barrier)
         barrier.add_done_callback(self._barriers.discard)
@@ -270,15 +310,16 @@ class ProcessFanout(BrokerFanout):
         loop = asyncio.get_running_loop()
         self._unbind_timer = None
         due = loop.time() - UNBIND_AFTER
-        for key, since in self._idle.items():
-            if since <= due:
+        idle = [(key, r) for key, r in self._routes.items() if r.state is Binding.IDLE]
+        for key, route in idle:
+            if route.idle_since is not None and route.idle_since <= due:
+                route.state = Binding.DUE
                 self._due.append(key)
-                self._idle[key] = math.inf  # queued: not again
         while self._free_unbinders and self._due:
             unbinder = self._free_unbinders.pop()
             if unbinder.is_open:  # not after broker.stop(), which tells no listener
                 self._unbind_next(unbinder)
-        if any(since != math.inf for since in self._idle.values()):
+        if any(route.state is Binding.IDLE for _key, route in idle):
             self._unbind_timer = loop.call_later(UNBIND_AFTER / 2, self._unbind_idle)
 
     def _unbind_next(self, unbinder: Channel) -> None:
@@ -289,18 +330,30 @@ class ProcessFanout(BrokerFanout):
         before its turn just stays bound; one whose unbind is out waits for the reply."""
         while self._due:
             key = self._due.popleft()
-            if key in self._idle and self._bound[key].done():  # never while its bind is out
-                del self._idle[key]
-                del self._bound[key]
-                self._unbinding.add(key)
+            route = self._routes.get(key)
+            # Idle again since it was queued, it still goes in its turn; never while its bind
+            # is out.
+            if (
+                route is not None
+                and route.state in (Binding.IDLE, Binding.DUE)
+                and route.bound is not None
+                and route.bound.done()
+            ):
+                route.state, route.bound, route.idle_since = Binding.UNBINDING, None, None
                 done = functools.partial(self._on_unbound, unbinder, key)
                 unbinder.pika.queue_unbind(self.queue, wire.EXCHANGE, key, callback=done)
                 return
         self._free_unbinders.append(unbinder)
 
     def _on_unbound(self, unbinder: Channel, key: str, _reply: Any) -> None:
-        self._unbinding.discard(key)
-        if key in self._to_bind:
-            self._schedule_flush()  # followed again while its unbind was out
+        route = self._routes.get(key)
+        if route is not None and route.state is Binding.UNBINDING:
+            if route.bound is None:
+                del self._routes[key]
+            else:  # followed again while its unbind was out: its bind waits in _to_bind
+                route.state = Binding.BOUND if route.subscribers else Binding.IDLE
+                if route.state is Binding.IDLE:
+                    self._start_unbind_timer()
+                self._flush.ask()
         if unbinder.is_open and self._setup is not None:
             self._unbind_next(unbinder)

@@ -20,7 +20,8 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
 from feed_app.broker import messages
-from feed_app.broker.connection import AMQP_FAILURES, Broker, Channel
+from feed_app.broker.channel import Channel
+from feed_app.broker.connection import AMQP_FAILURES, Broker
 from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.fanout import BrokerUnavailable, Subscriber
 
