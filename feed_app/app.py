@@ -12,14 +12,14 @@ import time
 import tornado.httpserver
 import tornado.web
 
-from feed_app import edge, handlers
+from feed_app import edge, handlers, wire
 from feed_app.broker import Broker, HeartbeatLink, make_fanout
 from feed_app.config import Settings, trusted_networks
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
 from feed_app.limits import Limits
 from feed_app.metrics import Exporter, Metrics
-from feed_app.path_check import PathCheck, PathState, new_process_id
+from feed_app.path_check import PathCheck, PathState
 from feed_app.relay import OutboxRelay
 from feed_app.sessions import FeedSession, FeedSocket
 from feed_app.wire import Close
@@ -44,7 +44,7 @@ class Service:
         self.metrics = metrics
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
         self.path_check = PathCheck(
-            new_process_id(),
+            wire.process_id(),
             db,
             resync_all=self._resync_all,
             move=broker.reconnect,

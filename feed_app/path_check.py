@@ -34,9 +34,6 @@ import dataclasses
 import datetime
 import enum
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -52,11 +49,6 @@ MOVE_WAIT = 4.0  # seconds before moving when all peers but one are heard (less 
 MOVE_SPACING_CAP = 16.0  # seconds: the longest wait between two moves while nothing is whole
 BIND_WAIT = 5.0  # seconds a connected process may go without its heartbeat queue bound
 CONFIRM_WAIT = 5.0  # seconds of this process's beats left unconfirmed before it moves
-
-
-def new_process_id() -> str:
-    """Unique among every process that ever shares the database, and readable in a log."""
-    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
 
 
 @dataclasses.dataclass(frozen=True)

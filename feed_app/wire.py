@@ -136,9 +136,15 @@ def session_queue(user_id: int) -> str:
     return f"{user_id}.{secrets.token_hex(_SESSION_TOKEN)}"
 
 
+def process_id() -> str:
+    """A name for one run of one process (host.pid.random): unique among every process that
+    ever shares the broker or the database, and readable in a log."""
+    return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(_PROCESS_TOKEN)}"
+
+
 def process_queue() -> str:
     """This process's queue in process mode."""
-    return f"feed.process.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(_PROCESS_TOKEN)}"
+    return f"feed.process.{process_id()}"
 
 
 def overflow_queue() -> str:
