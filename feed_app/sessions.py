@@ -57,7 +57,7 @@ class SeenPosts:
     remembered for `keep_for` seconds: a post that comes late (its publish failed; the outbox
     sends it within the lease) still finds the ids after it remembered, not a floor above it.
     Past `hard_capacity` the floor rises regardless, so memory stays bounded even for a feed that
-    receives hundreds of posts a second: about 1 KB per 10 ids (measured).
+    receives hundreds of posts a second (its size: BENCHMARKS.md, "Soak and garbage collection").
     """
 
     def __init__(

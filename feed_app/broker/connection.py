@@ -12,10 +12,10 @@ channels they need through open_channel(), in two roles:
 - setup channels carry queue declares, binds, unbinds and deletes.
 
 Why two roles: the broker runs a channel's commands one after another, and binding churn is slow
-on it (a session following 5,000 authors keeps a channel busy for about a second, and deleting
-its queue as long again: BENCHMARKS.md). On a shared channel, every other session's acks would
-wait behind that, their prefetch would run out, and their posts would stall. Kept apart, binding
-churn delays only other sessions' set-up.
+on it (a session following thousands of authors keeps a channel busy for a long while, and
+deleting its queue as long again: docs/delivery.md has the set-up figures). On a shared channel,
+every other session's acks would wait behind that, their prefetch would run out, and their
+posts would stall. Kept apart, binding churn delays only other sessions' set-up.
 
 Why a lost channel drops the connection: an error on a shared channel kills every consumer on it.
 Rather than a second, rarer recovery path for "this channel's sessions", the broker reconnects and
