@@ -9,8 +9,13 @@ how much of that the service's real work (PostgreSQL, RabbitMQ, exactness) costs
 
     POST /setup   {"following": {"<user id>": [author ids...]}}   the follow graph
     WS   /post/feed/<user id>                                      a client; any query is ignored
-    POST /burst   {"posts": [{"id", "author_id", "text"}, ...]}    push them all, as fast as the
-                  sockets take them; answers {"writes": n, "seconds": s} when all are written
+    POST /burst   {"posts": [{"id", "author_id", "text"}, ...], "prebuilt": false}
+                  push them all, as fast as the sockets take them; answers {"writes": n,
+                  "seconds": s, "cpu_seconds": c} when all are written. With "prebuilt", each
+                  post's whole websocket frame (header and payload) is built once and the same
+                  bytes go to every socket's stream: the floor of one write per socket, below
+                  which no websocket feed in Python on this machine can deliver. Without it,
+                  write_message() per socket, as any Tornado handler writes.
     GET  /readyz                                                   200 once listening
 
 Run by bench/loadtest.py (--ceilings); standalone: `python bench/bare_push_server.py --port 9001`.
@@ -24,12 +29,15 @@ import datetime
 import json
 import pathlib
 import signal
+import struct
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 
 import tornado.web
 import tornado.websocket
+from tornado.iostream import StreamClosedError
 
 # Run as a script, only bench/ is on sys.path: add the repository so feed_app imports.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -58,22 +66,47 @@ class Hub:
             for author in authors:
                 self.followers[author].append(user)
 
-    async def push(self, posts: list[dict]) -> int:
+    async def push(self, posts: list[dict], *, prebuilt: bool) -> int:
         created_at = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        writes, pending = 0, []
+        write = _write_prebuilt if prebuilt else _write_message
+        # A socket's writes complete in order: waiting for its last one is waiting for all.
+        writes, last_write = 0, {}
         for number, post in enumerate(posts, 1):
-            frame = wire.post_frame({**post, "created_at": created_at})
+            payload = wire.post_frame({**post, "created_at": created_at})
+            frame = websocket_text_frame(payload) if prebuilt else payload
             for user in self.followers.get(post["author_id"], ()):
                 for socket in list(self.connections.get(user, ())):
                     try:
-                        pending.append(socket.write_message(frame))
+                        last_write[socket] = write(socket, frame)
                         writes += 1
-                    except tornado.websocket.WebSocketClosedError:
+                    except (tornado.websocket.WebSocketClosedError, StreamClosedError):
                         pass
             if number % FLUSH_EVERY == 0 or number == len(posts):
-                await asyncio.gather(*pending, return_exceptions=True)
-                pending = []
+                await asyncio.gather(*last_write.values(), return_exceptions=True)
+                last_write = {}
         return writes
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked, uncompressed text frame (RFC 6455 5.2), as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
+
+
+def _write_message(socket: PushSocket, payload: bytes) -> Awaitable[None]:
+    return socket.write_message(payload)
+
+
+def _write_prebuilt(socket: PushSocket, frame: bytes) -> Awaitable[None]:
+    if socket.ws_connection is None:
+        raise tornado.websocket.WebSocketClosedError()
+    return socket.ws_connection.stream.write(frame)
 
 
 class PushSocket(tornado.websocket.WebSocketHandler):
@@ -112,10 +145,16 @@ class BurstHandler(tornado.web.RequestHandler):
         self.hub = hub
 
     async def post(self) -> None:
-        posts = json.loads(self.request.body)["posts"]
-        started = time.monotonic()
-        writes = await self.hub.push(posts)
-        self.finish({"writes": writes, "seconds": time.monotonic() - started})
+        burst = json.loads(self.request.body)
+        started, cpu_started = time.monotonic(), time.process_time()
+        writes = await self.hub.push(burst["posts"], prebuilt=burst.get("prebuilt", False))
+        self.finish(
+            {
+                "writes": writes,
+                "seconds": time.monotonic() - started,
+                "cpu_seconds": time.process_time() - cpu_started,
+            }
+        )
 
 
 class ReadyHandler(tornado.web.RequestHandler):

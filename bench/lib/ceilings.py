@@ -3,7 +3,10 @@
 (a) bare push: bench/bare_push_server.py gets the same users, follow graph and sessions, and the
     same posts (authors in the same order, text size; repeated up to a minimum burst size) in
     one unthrottled burst; deliveries/s is what the client receives from it. It bounds what
-    any Tornado websocket feed can reach with this client here.
+    any Tornado websocket feed can reach with this client here. Then the floor: the same burst
+    again, each post's whole frame built once and the same bytes written to every socket's
+    stream. Its server CPU per write is the least a delivery can cost in Python here; the
+    service's CPU per delivery is compared with it.
 (b) bare pika: one AsyncioConnection publishes M messages (with publisher confirms, like the
     service) into a queue that another AsyncioConnection consumes (prefetch like the service,
     one manual ack per message); messages/s is what one consumer gets through the broker.
@@ -15,6 +18,7 @@ With `loadtest.py --fanout both` they are measured once, after both modes ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import pathlib
@@ -28,7 +32,7 @@ import pika
 from tornado.httpclient import AsyncHTTPClient
 
 from bench.lib.amqp import call, open_channel, open_connection
-from bench.lib.feedclient import FeedClient, Tracker, open_clients
+from bench.lib.feedclient import FeedClient, Tracker, open_clients, ratio
 from bench.lib.population import Population
 from bench.lib.processes import ManagedProcess, wait_ready
 from deploy.processes import free_port
@@ -70,7 +74,8 @@ async def bare_push_ceiling(
     ready_timeout: float,
     drain_timeout: float,
 ) -> dict[str, Any]:
-    """Deliveries/s from the bare push server to the same sessions for the same posts."""
+    """Deliveries/s from the bare push server to the same sessions for the same posts, written
+    with write_message(); under "floor", the same burst again with each frame built once."""
     port = free_port()
     server = ManagedProcess(
         "bare push server",
@@ -95,46 +100,76 @@ async def bare_push_ceiling(
         ]
         await open_clients(clients, concurrency, ready_timeout, time.monotonic() + ready_timeout)
         fan_out = population.sessions_by_author()
-        started = time.monotonic()
-        posts = []
-        for author in _repeat_until(authors, lambda a: len(fan_out[a]), MIN_BURST_DELIVERIES):
-            open_sessions = frozenset(s for s in fan_out[author] if clients[s].is_open)
-            record = tracker.new_post(author, open_sessions, started)
-            record.status = 201
-            posts.append(
-                {
-                    "id": record.index + 1,
-                    "author_id": population.user_id(author),
-                    "text": tracker.text(record.index, text_size),
-                }
-            )
-        tracker.measuring = True
-        response = await http.fetch(
+        sequence = _repeat_until(authors, lambda a: len(fan_out[a]), MIN_BURST_DELIVERIES)
+        burst = functools.partial(
+            _burst,
             f"{base}/burst",
-            method="POST",
-            body=json.dumps({"posts": posts}),
-            request_timeout=drain_timeout + 60,
+            tracker,
+            clients,
+            population,
+            sequence,
+            text_size,
+            drain_timeout,
         )
-        pushed = json.loads(response.body)
-        await _drain(tracker, drain_timeout)
-        tracker.measuring = False
-        last = max(tracker.receive_times, default=started)
-        elapsed = max(last - started, 1e-9)
-        lost, _ = tracker.losses({c.index for c in clients if c.is_open})
-        return {
-            "deliveries": tracker.delivered,
-            "expected": tracker.expected_total,
-            "seconds": round(elapsed, 3),
-            "deliveries_per_s": round(tracker.delivered / elapsed, 1),
-            "server_write_seconds": round(pushed["seconds"], 3),
-            "lost": lost,
-            "duplicated": tracker.duplicated,
-            "sessions_ready": sum(1 for c in clients if c.is_open),
-        }
+        push = await burst(prebuilt=False)
+        return {**push, "floor": await burst(prebuilt=True)}
     finally:
         for client in clients:
             client.close()
         await asyncio.to_thread(server.stop)
+
+
+async def _burst(
+    url: str,
+    tracker: Tracker,
+    clients: list[FeedClient],
+    population: Population,
+    sequence: list[int],
+    text_size: int,
+    drain_timeout: float,
+    *,
+    prebuilt: bool,
+) -> dict[str, Any]:
+    """One burst of posts by these authors, in this order, pushed to every open follower."""
+    fan_out = population.sessions_by_author()
+    delivered_before, received_before = tracker.delivered, len(tracker.receive_times)
+    started = time.monotonic()
+    posts = []
+    for author in sequence:
+        open_sessions = frozenset(s for s in fan_out[author] if clients[s].is_open)
+        record = tracker.new_post(author, open_sessions, started)
+        record.status = 201
+        posts.append(
+            {
+                "id": record.index + 1,
+                "author_id": population.user_id(author),
+                "text": tracker.text(record.index, text_size),
+            }
+        )
+    tracker.measuring = True
+    response = await AsyncHTTPClient().fetch(
+        url,
+        method="POST",
+        body=json.dumps({"posts": posts, "prebuilt": prebuilt}),
+        request_timeout=drain_timeout + 60,
+    )
+    pushed = json.loads(response.body)
+    await _drain(tracker, drain_timeout)
+    tracker.measuring = False
+    delivered = tracker.delivered - delivered_before
+    last = max(tracker.receive_times[received_before:], default=started)
+    elapsed = max(last - started, 1e-9)
+    lost, _ = tracker.losses({c.index for c in clients if c.is_open})
+    return {
+        "deliveries": delivered,
+        "seconds": round(elapsed, 3),
+        "deliveries_per_s": round(delivered / elapsed, 1),
+        "server_write_seconds": round(pushed["seconds"], 3),
+        "server_cpu_us_per_write": ratio(pushed["cpu_seconds"] * 1e6, pushed["writes"], 2),
+        "lost": lost,
+        "duplicated": tracker.duplicated,
+        "sessions_ready": sum(1 for c in clients if c.is_open),
+    }
 
 
 async def measure(
@@ -161,7 +196,9 @@ async def measure(
         ready_timeout=ready_timeout,
         drain_timeout=drain_timeout,
     )
-    say(f"  {bare.get('deliveries_per_s')} deliveries/s")
+    floor = bare.get("floor", {})
+    say(f"  {bare.get('deliveries_per_s')} deliveries/s, {bare.get('server_cpu_us_per_write')} µs")
+    say(f"  floor: {floor.get('deliveries_per_s')}/s, {floor.get('server_cpu_us_per_write')} µs")
     say(f"ceiling (b): bare pika, {pika_messages:,} messages...")
     body_size = len(sample_frame(population, text_size))
     prefetch = int(os.environ.get("FEED_PREFETCH", Settings().prefetch))

@@ -3,6 +3,8 @@ a load test's results (they go into its JSON and under its table).
 
 - each mode as a share of the ceilings: its deliveries/s over the bare Tornado push server's and
   over the lower of the two ceilings; with --saturate, its most deliveries/s in a step too;
+- each mode's service CPU per delivery against the floor (one prebuilt frame written to each
+  socket): the floor's CPU per write over the mode's;
 - each mode's p99 over its p50 (with --saturate, at half the rate it held);
 - process over session, when both ran: CPU per delivery (service, RabbitMQ), deliveries/s, at
   saturation too, latency, ready time and memory per session.
@@ -46,8 +48,13 @@ def per_mode(run: dict[str, Any], ceilings: dict[str, Any] | None) -> dict[str, 
     lower = _get(ceilings, "lower_per_s")
     achieved = _get(run, *FIGURES["deliveries_per_s"])
     saturated = _get(run, *FIGURES["deliveries_per_s_at_saturation"])
+    floor_us = _get(ceilings, "bare_push", "floor", "server_cpu_us_per_write")
+    service_us = _get(run, *FIGURES["service_cpu_us_per_delivery"])
     return {
         "share_of_bare_push": ratio(achieved, bare, 3),
+        # The floor's CPU per write over the mode's per delivery: 1.0 would be a service whose
+        # every cost beyond one prebuilt write per socket is gone.
+        "cpu_share_of_floor": ratio(floor_us, service_us, 3),
         "share_of_lower_ceiling": ratio(achieved, lower, 3),
         "saturation_share_of_bare_push": ratio(saturated, bare, 3),
         "p99_over_p50": ratio(

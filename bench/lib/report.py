@@ -179,13 +179,21 @@ def _comparison_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = []
     if ceilings:
         bare, bare_pika = ceilings.get("bare_push", {}), ceilings.get("pika", {})
+        floor = bare.get("floor", {})
         rows += [
             ("ceiling: bare push deliveries/s", [_fmt(bare.get("deliveries_per_s"))]),
+            ("ceiling: bare push CPU per write", [_fmt(bare.get("server_cpu_us_per_write"), "µs")]),
+            ("floor: prebuilt frame, deliveries/s", [_fmt(floor.get("deliveries_per_s"))]),
+            (
+                "floor: prebuilt frame, CPU per write",
+                [_fmt(floor.get("server_cpu_us_per_write"), "µs")],
+            ),
             ("ceiling: bare pika messages/s", [_fmt(bare_pika.get("messages_per_s"))]),
         ]
     per_mode = [
         ("share of the bare push ceiling", "share_of_bare_push"),
         ("share of the lower ceiling", "share_of_lower_ceiling"),
+        ("floor CPU per write / service CPU per delivery", "cpu_share_of_floor"),
         ("at saturation: share of bare push", "saturation_share_of_bare_push"),
         ("create->receive p99 / p50", "p99_over_p50"),
     ]
