@@ -6,11 +6,15 @@
 For each instance count it starts that many run.py processes on one fresh database (limits
 raised: this measures the write path, not the limits), then for each poster count runs that many
 concurrent clients, each posting as a user of its own, one POST /post/create after another,
-spread over the instances in turn, for --duration seconds after a warm-up. It prints posts/s and
-the latency of a POST (p50, p99). Every post is committed (201) or counted as an error.
+spread over the instances in turn, for --duration seconds after a warm-up. It prints posts/s, the
+latency of a POST (p50, p99), and the CPU each post cost the service, PostgreSQL and RabbitMQ.
+Every post is committed (201) or counted as an error.
 
 Nothing but the posts is measured here: no feed socket is open, so delivery costs nothing. The
-instances, PostgreSQL, RabbitMQ and this client share the machine's cores.
+instances, PostgreSQL, RabbitMQ and this client share the machine's cores. PostgreSQL's CPU is
+that of the backends serving this run's database plus the server's WAL writer, checkpointer and
+background writer (shared with anything else writing on the server); RabbitMQ's is its whole
+node (shared likewise): run it on a quiet machine for those two columns.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from bench.lib import options
 from bench.lib.options import RESULTS_DIR, SERVER_DSN
 from bench.lib.processes import REPO, ManagedProcess, run_tool, wait_ready
+from bench.lib.procstats import CpuMeter, broker_pid
 from bench.lib.service import UNLIMITED
 from deploy.processes import free_port
 from feed_app.auth import issue_token
@@ -85,6 +90,20 @@ class Instances:
             process.stop()
         drop_database(self.dsn)
 
+    def pids(self) -> list[int]:
+        return [pid for process in self.processes for pid in process.pids()]
+
+    def postgres_pids(self) -> list[int]:
+        """The backends serving this database, and the server's own writers (see the top)."""
+        with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "OR backend_type IN ('walwriter', 'checkpointer', 'background writer')"
+            )
+            pids = [pid for (pid,) in cur.fetchall()]
+        conn.close()
+        return pids
+
     def users(self, count: int) -> list[str]:
         """Tokens of `count` new users (made in the database: registering is not measured)."""
         with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
@@ -131,10 +150,23 @@ async def measure(instances: Instances, posters: int, duration: float, warmup: f
     def next_url() -> str:
         return next(urls)
 
-    errors = await asyncio.gather(
+    posting = asyncio.gather(
         *(post_for(next_url, t, now + warmup + duration, now + warmup, latencies) for t in tokens)
     )
+    broker = await broker_pid()
+    await asyncio.sleep(now + warmup - time.monotonic())
+    # After the warm-up: the pools have opened the connections the posting needs.
+    postgres = instances.postgres_pids()
+    meters = {
+        "service": CpuMeter(instances.pids),
+        "postgres": CpuMeter(lambda: postgres),
+        "rabbitmq": CpuMeter(lambda: [broker] if broker else []),
+    }
+    for meter in meters.values():
+        meter.start()
+    errors = await posting
     latencies.sort()
+    cpu_ms = {name: 1000 * meter.stop() / max(len(latencies), 1) for name, meter in meters.items()}
     return {
         "instances": instances.count,
         "posters": posters,
@@ -144,19 +176,25 @@ async def measure(instances: Instances, posters: int, duration: float, warmup: f
         if latencies
         else None,
         "errors": sum(errors),
+        **{f"{name}_cpu_ms_per_post": round(ms, 3) for name, ms in cpu_ms.items()},
     }
 
 
 async def measure_all(args: argparse.Namespace) -> None:
     AsyncHTTPClient.configure(None, max_clients=max(args.posters) * 2)
-    print(f"{'instances':>9} {'posters':>7} {'posts/s':>8} {'p50 ms':>7} {'p99 ms':>7} errors")
+    print(
+        f"{'instances':>9} {'posters':>7} {'posts/s':>8} {'p50 ms':>7} {'p99 ms':>7} errors"
+        "   CPU ms per post: service postgres rabbitmq"
+    )
     for count in args.instances:
         async with Instances(count, args) as instances:
             for posters in args.posters:
                 row = await measure(instances, posters, args.duration, args.warmup)
                 print(
                     f"{row['instances']:>9} {row['posters']:>7} {row['posts_per_s']:>8} "
-                    f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']}",
+                    f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']:>6} "
+                    f"{row['service_cpu_ms_per_post']:>25} {row['postgres_cpu_ms_per_post']:>8} "
+                    f"{row['rabbitmq_cpu_ms_per_post']:>8}",
                     flush=True,
                 )
 
