@@ -287,6 +287,6 @@ def cluster(db_dsn, fault_table) -> Any:
 def scene(io_loop, cluster, db_dsn) -> Any:
     """An author posting steadily and feeds of its followers on every instance, all through the
     balancer (tests/cluster_clients.py)."""
-    scene = Scene(Api(cluster.balancer.url), db_dsn)
+    scene = Scene(Api(cluster.balancer.url, cluster.balancer.ca_certs), db_dsn)
     yield scene
     io_loop.run_sync(scene.close)
