@@ -82,12 +82,27 @@ async def test_api_over_https_and_the_feed_over_wss(instance, tls_front):
         served_certificate(front.tls_port, None)
 
 
-def test_the_generated_authority_signed_and_lost_its_key(front_certificate: Certificate):
+def test_the_generated_authority_is_for_loopback_and_lost_its_key(front_certificate: Certificate):
     directory = front_certificate.pem.parent
     assert sorted(path.name for path in directory.iterdir()) == ["ca.pem", "server.pem"]
     assert front_certificate.pem.stat().st_mode & 0o777 == 0o600
     text = front_certificate.pem.read_text()
     assert text.count("BEGIN CERTIFICATE") == 2 and "PRIVATE KEY" in text  # as HAProxy wants
+    constraints = subprocess.run(
+        [
+            openssl_binary(),
+            "x509",
+            "-noout",
+            "-ext",
+            "nameConstraints",
+            "-in",
+            front_certificate.ca,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "DNS:localhost" in constraints and "IP:127.0.0.0/255.0.0.0" in constraints
 
 
 @pytest.mark.gen_test(timeout=60)
