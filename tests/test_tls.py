@@ -43,7 +43,7 @@ def test_client_protocol_believes_a_trusted_proxy_only():
     assert client_protocol("127.0.0.1", "http", "javascript", LOOPBACK) == "http"
     # Several proxies, each appending: the nearest one's word counts.
     assert client_protocol("127.0.0.1", "http", "http, HTTPS", LOOPBACK) == "https"
-    # A connection that is TLS itself stays so, whatever a peer claims.
+    # An untrusted peer's claim changes nothing, downwards either.
     assert client_protocol("192.0.2.1", "https", "http", LOOPBACK) == "https"
 
 
