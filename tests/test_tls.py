@@ -14,6 +14,7 @@ import pathlib
 import socket
 import ssl
 import subprocess
+import sys
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -26,6 +27,7 @@ from deploy.certificates import (
 )
 from feed_app.config import Settings, trusted_networks
 from feed_app.edge import client_protocol
+from tests import cluster_tools
 from tests.faults import free_port
 from tests.support import Api
 from tests.tls_front import certificate_of, wait_up
@@ -177,3 +179,23 @@ def test_an_operators_certificate_is_the_one_served(tmp_path, tls_front):
     no_key.write_text((tmp_path / "operator.crt").read_text())
     with pytest.raises(CertificateError, match="private key"):
         operator_certificate(no_key)
+
+
+def test_the_cost_bench_runs(scratch_dsn):
+    """bench/tls_front.py, tiny: both fronts measured (its figures are in BENCHMARKS.md)."""
+    cluster_tools.ensure_cluster_tools()  # HAProxy
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(pathlib.Path(__file__).resolve().parent.parent / "bench" / "tls_front.py"),
+            *("--connections", "20", "--sockets", "10", "--rounds", "1"),
+            *("--db-dsn", scratch_dsn),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    rows = [line for line in output.splitlines() if line.startswith("| HTTP")]
+    assert [row.split(" | ")[0] for row in rows] == ["| HTTP / WS", "| HTTPS / WSS"], output
