@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import secrets
 import subprocess
@@ -98,7 +99,11 @@ def run_loadtest(cluster: Cluster, count: int, args: argparse.Namespace) -> dict
     ]
     print(f"\n=== {count} instance(s): {' '.join(command[1:])}", flush=True)
     started = time.monotonic()
-    subprocess.run(command, check=False)
+    # The balancer's certificate chains to the cluster's own authority (deploy/certificates.py).
+    environment = dict(os.environ)
+    if cluster.balancer.ca_certs:
+        environment["SSL_CERT_FILE"] = cluster.balancer.ca_certs
+    subprocess.run(command, check=False, env=environment)
     print(f"=== {count} instance(s) took {time.monotonic() - started:.0f} s", flush=True)
     return json.loads(out.read_text())["runs"][args.fanout]
 

@@ -1,5 +1,8 @@
 """HAProxy in front of the instances: its configuration, process, reload and runtime API.
 
+It serves HTTPS and WSS on its TLS port, with a certificate (deploy/certificates.py), and answers
+plain HTTP on its other port with a redirect to HTTPS.
+
 HAProxy runs in master-worker mode in the foreground of its own session, logging to a file. The
 master re-reads the configuration on SIGUSR2 (a reload: new worker, old one finishes its
 connections, stopped after hard-stop-after) and stops everything on SIGTERM. Instances are added
@@ -18,6 +21,7 @@ import string
 import subprocess
 
 from deploy import processes
+from deploy.certificates import Certificate
 
 TEMPLATE = pathlib.Path(__file__).with_name("haproxy.cfg.template")
 BACKEND = "instances"
@@ -40,8 +44,10 @@ def haproxy_binary() -> str:
 
 @dataclasses.dataclass
 class Balancer:
-    port: int
+    port: int  # plain HTTP: redirects to tls_port
+    tls_port: int  # HTTPS and WSS
     directory: pathlib.Path
+    certificate: Certificate | None = None  # set before write_config
     hard_stop_after: str = "30s"
     pid: int | None = None  # the master process
 
@@ -59,15 +65,31 @@ class Balancer:
 
     @property
     def url(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    @property
+    def plain_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_certs(self) -> str | None:
+        """The authority a client must trust for url (for Tornado's ca_certs, or SSL_CERT_FILE);
+        None when an operator's certificate chains to one clients already trust."""
+        ca = self.certificate and self.certificate.ca
+        return str(ca) if ca else None
 
     def write_config(self, servers: dict[str, int]) -> None:
         """The configuration for these instances (name -> port), checked by haproxy -c."""
+        if self.certificate is None:
+            raise BalancerError("HAProxy needs a certificate (deploy/certificates.py)")
         lines = [f"    server {name} 127.0.0.1:{port}" for name, port in servers.items()]
         text = string.Template(TEMPLATE.read_text()).substitute(
             hard_stop_after=self.hard_stop_after,
             stats_socket=self.stats_socket,
             bind=f"127.0.0.1:{self.port}",
+            tls_bind=f"127.0.0.1:{self.tls_port}",
+            certificate=self.certificate.pem,
+            https_port_suffix="" if self.tls_port == 443 else f":{self.tls_port}",
             server_options=SERVER_OPTIONS,
             servers="\n".join(lines),
         )
@@ -91,7 +113,11 @@ class Balancer:
     def _serving(self) -> bool:
         if not processes.alive(self.pid):
             raise BalancerError(f"HAProxy exited:\n{processes.log_tail(self.log_path)}")
-        return processes.tcp_open(self.port) and self.stats_socket.exists()
+        return (
+            processes.tcp_open(self.port)
+            and processes.tcp_open(self.tls_port)
+            and self.stats_socket.exists()
+        )
 
     def worker_pid(self) -> int:
         for line in self.command("show info").splitlines():

@@ -1,13 +1,17 @@
 """The local cluster: RabbitMQ nodes, service instances and HAProxy, started and stopped as one.
 
-    scripts/cluster up [--nodes 3] [--instances 3] [--port 8880] [--env NAME=VALUE ...]
+    scripts/cluster up [--nodes 3] [--instances 3] [--port 8880] [--tls-port 8443] [--cert PEM]
+                       [--env NAME=VALUE ...]
     scripts/cluster status | down | add-node | add-instance | remove-instance NAME | reload | env
 
 What `up` starts, all on loopback:
 - RabbitMQ nodes feed1@localhost... (AMQP 5681...), clustered (deploy/rabbit_nodes.py);
 - service instances instance1... (HTTP 8881...), each run.py with the node list in its own order
   (instance k starts from node k), in FEED_AMQP_URL and in a nodes file that add-node extends;
-- HAProxy on 8880 in front of the instances (deploy/balancer.py).
+- HAProxy in front of the instances (deploy/balancer.py): HTTPS and WSS on 8443, with the
+  certificate given by --cert (or FEED_CLUSTER_CERT), else one made for this cluster by an
+  authority of its own whose certificate is tls/ca.pem (deploy/certificates.py); plain HTTP on
+  8880 redirects there.
 The instances share a database (feed_cluster, with the demo users) and a FEED_JWT_SECRET made
 for this cluster. Everything lives under the run directory (/tmp/feed-cluster, or
 $FEED_CLUSTER_DIR), whose state.json tells later commands what runs; `down` stops all of it,
@@ -37,6 +41,12 @@ import psycopg2.extensions
 
 from deploy import processes
 from deploy.balancer import Balancer, BalancerError
+from deploy.certificates import (
+    Certificate,
+    CertificateError,
+    local_certificate,
+    operator_certificate,
+)
 from deploy.rabbit_nodes import Node, NodeError
 from feed_app.config import setting_assignment
 from feed_app.db import drop_database, prepare_database
@@ -45,6 +55,9 @@ from feed_app.demo import seed_demo
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = pathlib.Path(os.environ.get("FEED_CLUSTER_DIR", "/tmp/feed-cluster"))
 DEFAULT_DSN = "postgresql://127.0.0.1:5432/feed_cluster"
+# Strict-Transport-Security for an hour, not the instances' default year: a browser keeps it for
+# the host name (localhost), where `scripts/run-demo` serves plain HTTP.
+CLUSTER_HSTS_MAX_AGE = "3600"
 INSTANCE_START_TIMEOUT = 30.0
 INSTANCE_STOP_TIMEOUT = 15.0  # above FEED_SHUTDOWN_TIMEOUT's default of 10 s
 
@@ -61,7 +74,8 @@ class ClusterError(Exception):
 class Ports:
     """Where things listen. A first port of 0 means "any free port" (the tests use that)."""
 
-    balancer: int = 8880
+    balancer: int = 8880  # plain HTTP, redirected
+    balancer_tls: int = 8443
     first_instance: int = 8881
     first_amqp: int = 5681
 
@@ -114,19 +128,29 @@ class Cluster:
         db_dsn: str = DEFAULT_DSN,
         hard_stop_after: str = "30s",
         instance_env: dict[str, str] | None = None,
+        certificate: pathlib.Path | None = None,
     ) -> None:
+        """certificate: the operator's PEM for HAProxy; without one `up` makes one."""
         self.run_dir = run_dir
         self.node_prefix = node_prefix
         self.ports = ports or Ports()
         if not self.ports.balancer:
             self.ports.balancer = processes.free_port()
+        if not self.ports.balancer_tls:
+            self.ports.balancer_tls = processes.free_port()
         self.db_dsn = db_dsn
         self.instance_env = instance_env or {}
+        self.operator_certificate = certificate
         self.jwt_secret = secrets.token_urlsafe(32)
         self.created_database = False
         self.nodes: list[Node] = []
         self.instances: list[Instance] = []
-        self.balancer = Balancer(self.ports.balancer, run_dir / "haproxy", hard_stop_after)
+        self.balancer = Balancer(
+            self.ports.balancer,
+            self.ports.balancer_tls,
+            run_dir / "haproxy",
+            hard_stop_after=hard_stop_after,
+        )
         self._node_launchers: dict[str, int] = {}
 
     # --- state, so that each command finds what the previous ones started -----------------------
@@ -146,6 +170,8 @@ class Cluster:
             "balancer": {
                 "hard_stop_after": self.balancer.hard_stop_after,
                 "pid": self.balancer.pid,
+                "certificate": self.balancer.certificate
+                and dataclasses.asdict(self.balancer.certificate),
             },
             "nodes": [dataclasses.asdict(node) for node in self.nodes],
             "instances": [dataclasses.asdict(instance) for instance in self.instances],
@@ -172,6 +198,11 @@ class Cluster:
         cluster.jwt_secret = state["jwt_secret"]
         cluster.created_database = state["created_database"]
         cluster.balancer.pid = state["balancer"]["pid"]
+        if certificate := state["balancer"].get("certificate"):
+            cluster.balancer.certificate = Certificate(
+                pathlib.Path(certificate["pem"]),
+                certificate["ca"] and pathlib.Path(certificate["ca"]),
+            )
         for node in state["nodes"]:
             cluster.nodes.append(Node(**{**node, "directory": pathlib.Path(node["directory"])}))
         for instance in state["instances"]:
@@ -193,11 +224,12 @@ class Cluster:
             self._start_nodes(node_count)
             self._prepare_database(demo)
             self._start_instances(instance_count)
+            self.balancer.certificate = self._certificate()
             self.balancer.write_config({i.name: i.port for i in self.instances})
             self.balancer.start()
             self.save()
             self.wait_balanced()
-        except (ClusterError, NodeError, BalancerError) as exc:
+        except (ClusterError, NodeError, BalancerError, CertificateError) as exc:
             self.down()
             raise ClusterError(f"{exc}; what `up` had started is stopped again") from exc
         except Exception as exc:
@@ -207,8 +239,13 @@ class Cluster:
             self.down()
             raise
 
+    def _certificate(self) -> Certificate:
+        if self.operator_certificate is not None:
+            return operator_certificate(self.operator_certificate)
+        return local_certificate(self.run_dir / "tls")
+
     def _check_ports_free(self, node_count: int, instance_count: int) -> None:
-        wanted = [self.ports.balancer] if self.ports.balancer else []
+        wanted = [self.ports.balancer, self.ports.balancer_tls]
         if self.ports.first_instance:
             wanted += [self.ports.first_instance + i for i in range(instance_count)]
         if self.ports.first_amqp:
@@ -303,6 +340,7 @@ class Cluster:
     def start_instance(self, instance: Instance, wait: bool = True) -> None:
         """Start (or start again) an instance on its port, with its nodes file."""
         environment = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
+        environment["FEED_HSTS_MAX_AGE"] = CLUSTER_HSTS_MAX_AGE  # --env may set another
         environment.update(
             FEED_HOST="127.0.0.1",
             FEED_PORT=str(instance.port),
@@ -311,7 +349,8 @@ class Cluster:
             FEED_AMQP_NODES_FILE=str(instance.nodes_file),
             FEED_JWT_SECRET=self.jwt_secret,
             FEED_INSTANCE_NAME=instance.name,  # in /metrics, as in HAProxy and X-Served-By
-            # HAProxy, on this host, is the one peer whose X-Forwarded-For is believed.
+            # HAProxy, on this host, is the one peer whose X-Forwarded-For and
+            # X-Forwarded-Proto are believed.
             FEED_TRUSTED_PROXIES="127.0.0.1",
             **self.instance_env,
         )
@@ -390,7 +429,14 @@ class Cluster:
     # --- what runs ------------------------------------------------------------------------------
 
     def status(self) -> str:
-        lines = [f"cluster in {self.run_dir}", f"balancer  {self.balancer.url}/  (HAProxy)"]
+        lines = [
+            f"cluster in {self.run_dir}",
+            f"balancer  {self.balancer.url}/  (HAProxy; {self.balancer.plain_url}/ redirects)",
+        ]
+        if self.balancer.ca_certs:
+            lines.append(
+                f"  its certificate's authority, for clients to trust: {self.balancer.ca_certs}"
+            )
         try:
             states = self.balancer.server_states()
         except OSError:
@@ -419,14 +465,17 @@ class Cluster:
         return "\n".join(lines)
 
     def shell_environment(self) -> str:
-        """What a client of the cluster (the load test's --url) needs, as shell assignments."""
-        return "\n".join(
-            [
-                f"export FEED_CLUSTER_URL={self.balancer.url}",
-                f"export FEED_DB_DSN={self.db_dsn}",
-                f"export FEED_JWT_SECRET={self.jwt_secret}",
-            ]
-        )
+        """What a client of the cluster (the load test's --url) needs, as shell assignments:
+        SSL_CERT_FILE makes OpenSSL's clients (Python's, curl) trust the cluster's own authority,
+        in place of the system's, in that shell."""
+        lines = [
+            f"export FEED_CLUSTER_URL={self.balancer.url}",
+            f"export FEED_DB_DSN={self.db_dsn}",
+            f"export FEED_JWT_SECRET={self.jwt_secret}",
+        ]
+        if self.balancer.ca_certs:
+            lines.append(f"export SSL_CERT_FILE={self.balancer.ca_certs}")
+        return "\n".join(lines)
 
 
 def _each(action: Callable, items: Iterable) -> None:
@@ -455,7 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="start nodes, instances and HAProxy")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--instances", type=int, default=3)
-    up.add_argument("--port", type=int, default=Ports.balancer, help="HAProxy's port")
+    up.add_argument(
+        "--port", type=int, default=Ports.balancer, help="HAProxy's plain HTTP port (redirects)"
+    )
+    up.add_argument("--tls-port", type=int, default=Ports.balancer_tls, help="HTTPS and WSS")
+    up.add_argument(
+        "--cert",
+        type=pathlib.Path,
+        default=os.environ.get("FEED_CLUSTER_CERT") or None,
+        help="PEM with the certificate, its chain and its key [FEED_CLUSTER_CERT]; "
+        "default: one made for this cluster",
+    )
     up.add_argument("--db-dsn", default=DEFAULT_DSN)
     up.add_argument(
         "--env",
@@ -477,9 +536,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            ports = Ports(balancer=args.port)
-            settings = dict(args.env)
-            cluster = Cluster(args.run_dir, ports=ports, db_dsn=args.db_dsn, instance_env=settings)
+            ports = Ports(balancer=args.port, balancer_tls=args.tls_port)
+            cluster = Cluster(
+                args.run_dir,
+                ports=ports,
+                db_dsn=args.db_dsn,
+                instance_env=dict(args.env),
+                certificate=args.cert,
+            )
             cluster.up(args.nodes, args.instances)
             print(cluster.status())
             print(f"\nopen {cluster.balancer.url}/ ; scripts/cluster down stops it all")

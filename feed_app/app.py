@@ -185,4 +185,5 @@ def make_app(service: Service) -> tornado.web.Application:
         websocket_ping_timeout=service.settings.ping_interval,
         websocket_max_message_size=MAX_WS_MESSAGE,
         trusted_proxies=trusted_networks(service.settings.trusted_proxies),
+        hsts_max_age=service.settings.hsts_max_age,
     )

@@ -88,6 +88,10 @@ class Settings:
     sockets_per_user: int = 10
     sockets_max: int = 10_000
     trusted_proxies: str = ""
+    # Strict-Transport-Security on answers to requests that came over HTTPS (0: none). Browsers
+    # then refuse plain HTTP to this host for that long, so a first visit is the only one a
+    # network attacker can downgrade.
+    hsts_max_age: int = 365 * 24 * 3600
     refusal_delay: float = 1.0
     instance_name: str = ""
 
@@ -139,7 +143,12 @@ _OPTIONS = [
     ("hash_queue", "FEED_HASH_QUEUE", "password hashes waiting before 503"),
     ("sockets_per_user", "FEED_SOCKETS_PER_USER", "open feed sockets per user per process"),
     ("sockets_max", "FEED_SOCKETS_MAX", "open feed sockets per process before 503"),
-    ("trusted_proxies", "FEED_TRUSTED_PROXIES", "proxies whose X-Forwarded-For is believed"),
+    (
+        "trusted_proxies",
+        "FEED_TRUSTED_PROXIES",
+        "proxies whose X-Forwarded-For and X-Forwarded-Proto are believed",
+    ),
+    ("hsts_max_age", "FEED_HSTS_MAX_AGE", "Strict-Transport-Security max-age over HTTPS (0: off)"),
     ("refusal_delay", "FEED_REFUSAL_DELAY", "seconds a 429 waits at most before it is sent"),
     ("instance_name", "FEED_INSTANCE_NAME", "this instance's name in /metrics (default host:port)"),
 ]
@@ -203,6 +212,8 @@ def parse_settings(
     ):
         if getattr(settings, field) < 1:
             parser.error(f"--{field.replace('_', '-')} must be at least 1")
+    if settings.hsts_max_age < 0:
+        parser.error("--hsts-max-age must not be negative")
     if settings.refusal_delay < 0:
         parser.error("--refusal-delay must not be negative")
     return settings

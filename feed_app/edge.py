@@ -1,6 +1,6 @@
 """The service's edge, before any handler runs: oversized bodies get a JSON 413 without being
-read, secrets in query strings never reach a log, and the client's address is the TCP peer's
-unless that peer is a trusted proxy."""
+read, secrets in query strings never reach a log, and the client's address and protocol are the
+TCP connection's unless its peer is a trusted proxy."""
 
 from __future__ import annotations
 
@@ -98,23 +98,42 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return getattr(ip, "ipv4_mapped", None) or ip
 
 
+def _is_trusted(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: tuple[Network, ...]
+) -> bool:
+    return ip is not None and any(ip in network for network in trusted)
+
+
 def client_address(peer: str, forwarded_for: str | None, trusted: tuple[Network, ...]) -> str:
     """The client's address: the TCP peer's, unless the peer is a trusted proxy; then the
     right-most address of X-Forwarded-For that is not a trusted proxy itself (each proxy appends
     the address it got the request from, so entries left of the last untrusted one may be forged
     by the client)."""
     address = peer
-    ip = _ip(peer)
-    if not (ip and forwarded_for and any(ip in network for network in trusted)):
+    if not (forwarded_for and _is_trusted(_ip(peer), trusted)):
         return address
     for entry in reversed(forwarded_for.split(",")):
         ip = _ip(entry)
         if ip is None:  # a garbled entry: nothing left of it can be trusted
             return address
         address = str(ip)
-        if not any(ip in network for network in trusted):
+        if not _is_trusted(ip, trusted):
             return address
     return address
+
+
+def client_protocol(
+    peer: str, protocol: str, forwarded_proto: str | None, trusted: tuple[Network, ...]
+) -> str:
+    """ "http" or "https" as the client spoke it: the connection's own, unless the peer is a
+    trusted proxy that says otherwise in X-Forwarded-Proto (a TLS front such as HAProxy talks
+    plain HTTP to the instances). Anyone else could claim https and get what only a TLS client
+    should (Strict-Transport-Security, Secure cookies). A proxy's value that is neither word is
+    ignored too."""
+    if forwarded_proto is None or not _is_trusted(_ip(peer), trusted):
+        return protocol
+    claimed = forwarded_proto.split(",")[-1].strip().lower()  # the nearest proxy's, if several
+    return claimed if claimed in ("http", "https") else protocol
 
 
 class FeedApplication(tornado.web.Application):
@@ -125,9 +144,13 @@ class FeedApplication(tornado.web.Application):
 
     def find_handler(self, request, **kwargs):  # type: ignore[no-untyped-def]
         # Called once per request before any handler: from here on, remote_ip (used by limits
-        # and the access log) is the client's. The HTTP server runs without xheaders, so
-        # remote_ip starts as the TCP peer and no client can set it by a header.
-        forwarded_for = request.headers.get("X-Forwarded-For")
+        # and the access log) is the client's, and protocol the one the client spoke. The HTTP
+        # server runs without xheaders (which believes every peer), so both start as the TCP
+        # connection's and no client can set them by a header.
+        peer, headers = request.remote_ip, request.headers
         trusted = self.settings.get("trusted_proxies", ())
-        request.remote_ip = client_address(request.remote_ip, forwarded_for, trusted)
+        request.remote_ip = client_address(peer, headers.get("X-Forwarded-For"), trusted)
+        request.protocol = client_protocol(
+            peer, request.protocol, headers.get("X-Forwarded-Proto"), trusted
+        )
         return super().find_handler(request, **kwargs)

@@ -90,6 +90,7 @@ class BaseHandler(JsonErrors):
         return self.service.db
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.set_header("Content-Type", "application/json; charset=UTF-8")
 
     def prepare(self) -> None:

@@ -82,7 +82,16 @@ def error_status(status_code: int, exc: BaseException | None) -> int:
 
 
 class JsonErrors(tornado.web.RequestHandler):
-    """Every error a handler sends, Tornado's own included, is {"error": "..."}."""
+    """Every error a handler sends, Tornado's own included, is {"error": "..."}; every answer to
+    a request that came over HTTPS carries Strict-Transport-Security (the application's
+    `hsts_max_age` setting; 0 sends none)."""
+
+    def set_default_headers(self) -> None:
+        # Only over HTTPS: RFC 6797 has browsers ignore it over plain HTTP, where a network
+        # attacker could have added it. request.protocol is the client's (edge.client_protocol).
+        max_age = self.settings.get("hsts_max_age", 0)
+        if max_age and self.request.protocol == "https":
+            self.set_header("Strict-Transport-Security", f"max-age={max_age}")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -83,12 +83,9 @@ class ResumingFeed:
         loop = asyncio.get_running_loop()
         backoff = BACKOFF_FIRST
         while not self._stopping:
-            url = (
-                f"{self.api.ws_url}/post/feed/{self.user.id}"
-                f"?token={self.user.token}&since={self.checkpoint}"
-            )
+            path = f"/post/feed/{self.user.id}?token={self.user.token}&since={self.checkpoint}"
             try:
-                self._ws = await websocket_connect(HTTPRequest(url, connect_timeout=5))
+                self._ws = await websocket_connect(self.api.ws_request(path, connect_timeout=5))
             except (OSError, HTTPClientError, StreamClosedError, WebSocketError):
                 self.refused += 1
                 await asyncio.sleep(random.uniform(backoff / 2, backoff))
@@ -167,6 +164,7 @@ class SteadyAuthor:
                 headers={"Authorization": f"Bearer {self.author.token}"},
                 body=body,
                 request_timeout=10,
+                ca_certs=self.api.ca_certs,
             )
             try:
                 # Even with raise_error=False, a timeout or a cut connection raises (as 599).

@@ -20,6 +20,8 @@ import pika
 import psycopg2
 import pytest
 
+from deploy.balancer import Balancer
+from deploy.certificates import Certificate, local_certificate
 from deploy.cluster import Cluster, Ports
 from deploy.processes import alive
 from feed_app.app import Service, make_app
@@ -29,6 +31,7 @@ from tests import cluster_tools
 from tests.cluster_clients import Scene
 from tests.faults import ServiceProcess, TcpProxy, endpoint_of, free_port
 from tests.support import Api, inspect_fanout
+from tests.tls_front import front
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 AMQP_URL = os.environ.get("FEED_AMQP_URL", Settings.amqp_url)
@@ -287,6 +290,35 @@ def cluster(db_dsn, fault_table) -> Any:
 def scene(io_loop, cluster, db_dsn) -> Any:
     """An author posting steadily and feeds of its followers on every instance, all through the
     balancer (tests/cluster_clients.py)."""
-    scene = Scene(Api(cluster.balancer.url), db_dsn)
+    scene = Scene(Api(cluster.balancer.url, cluster.balancer.ca_certs), db_dsn)
     yield scene
     io_loop.run_sync(scene.close)
+
+
+# --- HAProxy with a certificate before one service (tests/tls_front.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def front_certificate(tmp_path_factory) -> Certificate:
+    """A certificate from an authority of its own, as `scripts/cluster up` makes, for the run
+    (Chromium is launched accepting its key: tests/test_page_browser.py)."""
+    return local_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_front(tmp_path, front_certificate) -> Iterator[Callable[..., Balancer]]:
+    """A factory: HAProxy serving HTTPS and WSS before the service on a port, with
+    front_certificate or the one given; every one started is stopped at the end."""
+    cluster_tools.ensure_cluster_tools()
+    started: list[Balancer] = []
+
+    def make(instance_port: int, certificate: Certificate | None = None) -> Balancer:
+        directory = tmp_path / f"haproxy-{len(started)}"
+        balancer = front(directory, certificate or front_certificate, instance_port)
+        started.append(balancer)
+        balancer.start()
+        return balancer
+
+    yield make
+    for balancer in started:
+        balancer.stop()

@@ -49,9 +49,15 @@ class User:
 
 
 class Api:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, ca_certs: str | None = None) -> None:
+        """ca_certs: the authority an https base_url's certificate chains to, when it is not
+        one the system trusts (a TLS front's own, tests/tls_front.py)."""
         self.base_url = base_url
         self.ws_url = base_url.replace("http", "ws", 1)
+        self.ca_certs = ca_certs
+
+    def ws_request(self, path: str, **options: Any) -> HTTPRequest:
+        return HTTPRequest(self.ws_url + path, ca_certs=self.ca_certs, **options)
 
     async def call(
         self,
@@ -79,7 +85,12 @@ class Api:
         if data is None and method in ("POST", "PUT"):
             data = b""
         request = HTTPRequest(
-            self.base_url + path, method, headers=headers, body=data, request_timeout=10
+            self.base_url + path,
+            method,
+            headers=headers,
+            body=data,
+            request_timeout=10,
+            ca_certs=self.ca_certs,
         )
         response = await AsyncHTTPClient().fetch(request, raise_error=False)
         decoded = json.loads(response.body) if response.body else None
@@ -117,13 +128,13 @@ class Api:
 
     async def open_feed_unready(self, user: User, timeout: float = 10) -> Feed:
         """A feed socket as soon as the upgrade is done, its session still setting up."""
-        url = f"{self.ws_url}/post/feed/{user.id}?token={user.token}"
-        return Feed(await asyncio.wait_for(websocket_connect(url), timeout))
+        request = self.ws_request(f"/post/feed/{user.id}?token={user.token}")
+        return Feed(await asyncio.wait_for(websocket_connect(request), timeout))
 
     async def open_feed_at(
         self, path: str, timeout: float = 10, subprotocols: list[str] | None = None
     ) -> Feed:
-        connecting = websocket_connect(self.ws_url + path, subprotocols=subprotocols)
+        connecting = websocket_connect(self.ws_request(path), subprotocols=subprotocols)
         ws = await asyncio.wait_for(connecting, timeout)
         feed = Feed(ws)
         await feed.wait_ready(timeout)

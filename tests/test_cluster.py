@@ -53,7 +53,11 @@ async def test_the_client_address_comes_from_haproxy_not_from_the_client(cluster
     client = AsyncHTTPClient()
     await client.fetch(f"{instance.url}/healthz?probe={direct}", headers=spoofed)
     for _ in range(len(cluster.instances)):  # leastconn spreads them: one reaches `instance`
-        await client.fetch(f"{cluster.balancer.url}/healthz?probe={through}", headers=spoofed)
+        await client.fetch(
+            f"{cluster.balancer.url}/healthz?probe={through}",
+            headers=spoofed,
+            ca_certs=cluster.balancer.ca_certs,
+        )
 
     def logged(probe: str) -> list[str]:
         lines = instance.log_path.read_text().splitlines()

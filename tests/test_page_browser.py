@@ -5,6 +5,12 @@ dependencies, and nothing between the test and the browser that could hide a fai
 opens pages in browser contexts of their own (separate storage, like two people on two
 machines), types with real key events where a person would, and reads what the page shows.
 
+The tests marked `through_tls_front` run a second time with the page loaded from HAProxy over
+HTTPS before the service, its feed over wss:// (tests/tls_front.py), as `scripts/cluster up`
+serves it. Chromium accepts that certificate by its public key
+(--ignore-certificate-errors-spki-list, for that one key only): a browser profile has no
+authority store of its own to add the cluster's authority to, only the user's NSS database.
+
 scripts/setup installs Chromium (scripts/ensure-browser). Without one the module is skipped,
 saying how to install it, except under CI=true, where it fails: CI must run these tests.
 Screenshots (desktop and 375 px wide) go to tests/screenshots/ (git-ignored).
@@ -37,6 +43,7 @@ from feed_app import auth
 from feed_app.wire import Close
 from tests.conftest import with_settings
 from tests.support import PASSWORD, Api, User
+from tests.tls_front import spki_sha256, wait_up
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
@@ -226,7 +233,9 @@ class Chromium:
         self.port = port
 
     @classmethod
-    def launch(cls, timeout: float = 20) -> Chromium:
+    def launch(cls, accepted_key: str, timeout: float = 20) -> Chromium:
+        """accepted_key: base64 SHA-256 of the one public key whose certificate is accepted
+        without a trusted authority (tls_front.spki_sha256)."""
         profile = tempfile.mkdtemp(prefix="feed-chromium-")
         with open(Path(profile, "chromium.log"), "wb") as log:  # the child keeps its own copy
             process = subprocess.Popen(
@@ -242,6 +251,7 @@ class Chromium:
                     "--disable-sync",
                     "--hide-scrollbars",
                     f"--user-data-dir={profile}",
+                    f"--ignore-certificate-errors-spki-list={accepted_key}",
                     "--remote-debugging-port=0",
                     "about:blank",
                 ],
@@ -336,8 +346,8 @@ class Browser:
 
 
 @pytest.fixture(scope="module")
-def chromium() -> Iterator[Chromium]:
-    browser = Chromium.launch()
+def chromium(front_certificate) -> Iterator[Chromium]:
+    browser = Chromium.launch(spki_sha256(front_certificate.pem))
     yield browser
     browser.close()
 
@@ -347,8 +357,24 @@ def settings(settings, amqp_proxy):
     return with_settings(settings, amqp_url=amqp_proxy.url_for(settings.amqp_url))
 
 
+# A test that runs a second time with the page from HAProxy over HTTPS and WSS.
+through_tls_front = pytest.mark.parametrize("front", ["direct", "tls"], indirect=True)
+
+
 @pytest.fixture
-def browser(io_loop, chromium, http_server, base_url) -> Iterator[Browser]:
+def front(request) -> str:
+    """How the page is reached: "direct" (the service's own plain HTTP) or "tls"."""
+    return getattr(request, "param", "direct")
+
+
+@pytest.fixture
+def browser(
+    request, io_loop, chromium, http_server, http_port, base_url, front
+) -> Iterator[Browser]:
+    if front == "tls":
+        balancer = request.getfixturevalue("tls_front")(http_port)
+        io_loop.run_sync(lambda: wait_up(balancer))
+        base_url = balancer.url
     target = io_loop.run_sync(chromium.browser_target)
     browser = Browser(chromium, target, base_url)
     yield browser
@@ -417,6 +443,7 @@ def backdate(dsn: str, post_ids: list[int], minutes: list[int]) -> None:
 # --- tests ----------------------------------------------------------------------------------------
 
 
+@through_tls_front
 @pytest.mark.gen_test(timeout=60)
 async def test_register_log_out_and_log_in_with_the_keyboard(browser, api):
     page = await browser.new_page()
@@ -462,6 +489,7 @@ async def test_register_log_out_and_log_in_with_the_keyboard(browser, api):
     await page.wait_for("!document.getElementById('logged-out').hidden")
 
 
+@through_tls_front
 @pytest.mark.gen_test(timeout=90)
 async def test_find_by_name_follow_and_see_posts_live_with_names(browser, api, db_dsn):
     """Bob finds Alice by a lower-case prefix of her name and follows her; what she posts from
@@ -481,6 +509,9 @@ async def test_find_by_name_follow_and_see_posts_live_with_names(browser, api, d
     bobs = await browser.new_page()
     await log_in_with_keyboard(bobs, bob)
     await wait_live(bobs)
+    # From a page served over HTTPS the feed is wss://; over plain HTTP, ws://.
+    scheme = "wss" if browser.base_url.startswith("https:") else "ws"
+    assert (await bobs.evaluate("socket.url")).startswith(f"{scheme}://")
     await bobs.wait_for("document.querySelectorAll('#output > li').length === 2")
 
     # With the keyboard: Enter on the Follow button; the focus stays on that person's row.
@@ -547,6 +578,7 @@ async def test_find_by_name_follow_and_see_posts_live_with_names(browser, api, d
     assert {p["author"] for p in await shown_posts(bobs)} == {"Carol Diaz", "Bob Stone"}
 
 
+@through_tls_front
 @pytest.mark.gen_test(timeout=60)
 async def test_reload_keeps_you_logged_in_and_an_expired_token_returns_to_login(
     browser, api, settings, caplog
