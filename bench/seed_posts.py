@@ -103,8 +103,8 @@ def user_rows(users: int, rng: random.Random) -> Iterator[tuple]:
 
 
 def post_rows(args: argparse.Namespace, rng: random.Random) -> Iterator[tuple]:
-    """Posts 1..N in id order with rising created_at; authors by Zipf popularity, except the
-    rare authors' posts at random ids."""
+    """Posts 1..N in id order with rising created_at, none changed yet; authors by Zipf
+    popularity, except the rare authors' posts at random ids."""
     active = args.users - args.rare_authors  # users 1..active post by popularity
     rare_posts = {
         post_id: active + 1 + n // 2
@@ -120,7 +120,7 @@ def post_rows(args: argparse.Namespace, rng: random.Random) -> Iterator[tuple]:
                 "%Y-%m-%d %H:%M:%S+00", time.gmtime(start + post_id * SECONDS_PER_POST)
             )
             text = f"{' '.join(rng.choices(WORDS, k=6))} #{post_id}"
-            yield post_id, rare_posts.get(post_id, author), text, created
+            yield post_id, rare_posts.get(post_id, author), text, created, post_id
 
 
 def follow_rows(args: argparse.Namespace, rng: random.Random) -> tuple[Iterator[tuple], dict]:
@@ -169,7 +169,8 @@ def main() -> None:
         rows, shape_users = follow_rows(args, rng)
         say(f"follows: {copy_rows(cur, 'follows', 'follower_id, author_id', rows)}")
         cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (args.users,))
-        posts = copy_rows(cur, "posts", "id, author_id, text, created_at", post_rows(args, rng))
+        columns = "id, author_id, text, created_at, version"  # never changed: version = id
+        posts = copy_rows(cur, "posts", columns, post_rows(args, rng))
         say(f"posts: {posts}")
         cur.execute("SELECT setval('post_ids', %s)", (args.posts,))
         for _, definition in indexes:
