@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--change-share",
         type=float,
         default=0.0,
-        help="fraction of the actions that edit or delete (in turn) one of the author's posts"
-        " of the phase instead of posting, each audited like a post [0]",
+        help="fraction of the actions that edit or delete (in turn) one of the phase's posts"
+        " instead of posting, each audited like a post [0]",
     )
     shape.add_argument("--seed", type=int, default=1, help="random seed of the population [1]")
 

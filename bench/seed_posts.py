@@ -15,7 +15,9 @@ The population, chosen so that every shape of follow list the feed must serve fa
 - every user follows `--follows` (20) authors chosen by the same popularity;
 - four users get the follow lists the measurements need, recorded in the table `bench_shapes`:
   `wide_popular` (500 of the 2,000 most active authors), `wide_uniform` (500 authors at random),
-  `rare` (20 rarely-posting authors) and `huge` (5,000 authors at random).
+  `rare` (20 rarely-posting authors) and `huge` (5,000 authors at random);
+- every `--edit-every` (100th) post is edited and every `--delete-every` (1000th) deleted, after
+  all the posts: their versions are the newest change numbers.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--posts", type=int, default=10_000_000)
     parser.add_argument("--follows", type=int, default=20, help="authors each user follows")
     parser.add_argument("--rare-authors", type=int, default=1000)
+    parser.add_argument("--edit-every", type=int, default=100, help="edit every Nth post [100]")
+    parser.add_argument(
+        "--delete-every", type=int, default=1000, help="delete every Nth post [1000]"
+    )
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     name = psycopg2.extensions.parse_dsn(args.dsn).get("dbname", "")
@@ -142,6 +148,24 @@ def follow_rows(args: argparse.Namespace, rng: random.Random) -> tuple[Iterator[
     return rows, shape_users
 
 
+def change_posts(cur, edit_every: int, delete_every: int) -> int:
+    """Edit every edit_every-th post and delete every delete_every-th one (0: none), each taking
+    the next change number as the service does (sql/006_post_changes.sql). Returns how many."""
+    changed = 0
+    for every, change in (
+        (edit_every, "edited_at = created_at + interval '1 hour'"),
+        (delete_every, "text = '', deleted_at = created_at + interval '1 hour'"),
+    ):
+        if every > 0:
+            cur.execute(
+                f"UPDATE posts SET version = nextval('post_ids'), {change}"
+                " WHERE id %% %s = 1 AND deleted_at IS NULL",
+                (every,),
+            )
+            changed += cur.rowcount
+    return changed
+
+
 def main() -> None:
     args = parse_args()
     rng = random.Random(args.seed)
@@ -173,6 +197,7 @@ def main() -> None:
         posts = copy_rows(cur, "posts", columns, post_rows(args, rng))
         say(f"posts: {posts}")
         cur.execute("SELECT setval('post_ids', %s)", (args.posts,))
+        say(f"edits and deletes: {change_posts(cur, args.edit_every, args.delete_every)}")
         for _, definition in indexes:
             cur.execute(definition)
         cur.execute("CREATE TABLE bench_shapes (shape text PRIMARY KEY, user_id bigint NOT NULL)")

@@ -6,14 +6,16 @@ figures are those of its own posts: the saturation search runs several phases, o
 another, on the same sessions of the same service.
 
 With a change share (loadtest --change-share), that fraction of the actions, evenly spread, are
-an edit or a delete (in turn) of one of the acting author's posts of this phase, its oldest not
-deleted and not being changed; an author with none posts instead. Each change is audited as a
-post is: every open session following the author must get it once.
+an edit or a delete (in turn) of one of this phase's posts, the oldest not deleted and not being
+changed, by its author (in place of the action's planned author: with thousands of authors few
+have an earlier post of their own); before any post was accepted, a post instead. Each change is
+audited as a post is: every open session following the author must get it once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import math
@@ -76,9 +78,9 @@ class PostingPhase:
         self.plan = plan
         self.quiet = quiet
         self.tracker = Tracker()
-        # Per author, the ids of their posts of this phase that a change may take, oldest first
-        # (posts accepted, not deleted, and no change of them in flight).
-        self.changeable: dict[int, list[int]] = {}
+        # (author, post id) of this phase's posts that a change may take, oldest first: posts
+        # accepted, not deleted, and no change of them in flight.
+        self.changeable: collections.deque[tuple[int, int]] = collections.deque()
         self.post_start = time.monotonic()
         self.open_at_end: set[int] = set()  # sessions still open when the drain ended
 
@@ -147,10 +149,10 @@ class PostingPhase:
 
     async def post_one(self, http: AsyncHTTPClient, number: int, author: int) -> None:
         """One action: a post, or an edit or delete of one of the author's posts."""
-        kind = self.plan.kind_of(number)
-        mine = self.changeable.setdefault(author, [])
-        target = mine.pop(0) if kind != "post" and mine else None
-        if target is None:
+        kind, target = self.plan.kind_of(number), None
+        if kind != "post" and self.changeable:
+            author, target = self.changeable.popleft()
+        else:
             kind = "post"
         expected = frozenset(s for s in self.fan_out[author] if self.clients[s].is_open)
         record: PostRecord = self.tracker.new_post(author, expected, time.monotonic(), kind, target)
@@ -171,7 +173,7 @@ class PostingPhase:
             if kind == "post":
                 record.post_id = _post_id(response.body)
             if kind != "delete" and record.post_id is not None:
-                mine.append(record.post_id)  # changeable (again)
+                self.changeable.append((author, record.post_id))  # changeable (again)
         except HTTPClientError as exc:
             status = exc.code
             error = f"HTTP {exc.code}" if exc.code != 599 else f"HTTP 599 {exc.message}"
