@@ -157,7 +157,7 @@ _JOIN_AUTHOR = "JOIN users u ON u.id = p.author_id"
 
 # A page of the caller's feed, newest first: the caller's own posts and those of the authors the
 # caller follows, with ids below %(before)s, deleted ones left out; %(depth)s = offset + limit
-# (each read of posts matches the partial index posts_live_author_id_idx). Two ways to find the
+# (the reads per author match the partial index posts_live_author_id_idx). Two ways to find the
 # page, both bounded whatever the follow list looks like (figures in BENCHMARKS.md, "Feed pages"):
 # - `quick`: when the authors post often, the page is among the newest %(window)s posts, read
 #   backwards along the id index and kept when their author is followed;
