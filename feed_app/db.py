@@ -446,10 +446,16 @@ class Database:
 
     async def history(self, author_ids: list[int], limit: int) -> tuple[list[Post], int | None]:
         """The newest `limit` live posts of these authors, oldest first, each in its latest
-        state, and the read's horizon (see changes_after): what a new socket starts with."""
+        state, and the read's horizon (see changes_after): what a new socket starts with.
+
+        The ids first, then the rows: the ids alone come from the partial index
+        posts_live_author_id_idx, whereas for whole rows PostgreSQL may prefer a backward scan
+        of every post, which for authors who rarely post reads most of the table (a second at
+        10M posts: BENCHMARKS.md, "Edits and deletes")."""
         sql = f"""
-            SELECT {_POST_COLUMNS} FROM posts
-            WHERE author_id = ANY(%s) AND deleted_at IS NULL ORDER BY id DESC LIMIT %s"""
+            SELECT {_POST_COLUMNS} FROM posts WHERE id IN (
+                SELECT id FROM posts WHERE author_id = ANY(%s) AND deleted_at IS NULL
+                ORDER BY id DESC LIMIT %s)"""
         posts, horizon = await self._read_with_horizon(sql, (author_ids, limit))
         posts.sort(key=lambda post: post.id)
         return posts, horizon

@@ -14,8 +14,12 @@ ALTER TABLE posts ADD COLUMN version bigint, ADD COLUMN edited_at timestamptz,
     ADD COLUMN deleted_at timestamptz;
 UPDATE posts SET version = id;
 ALTER TABLE posts ALTER COLUMN version SET NOT NULL;
--- "These authors' changes after N, in order": the resume read.
+-- "These authors' changes after N, in order": the resume read. Two indexes, for the two plans
+-- PostgreSQL picks between: each author's changes after N, sorted (authors who rarely post), or
+-- all changes after N in order, filtered by author (authors who post often: the first few hundred
+-- read are the page).
 CREATE INDEX posts_author_version_idx ON posts (author_id, version);
+CREATE INDEX posts_version_idx ON posts (version);
 -- Feed pages and a socket's history read the live posts of each author backwards by id; with
 -- the tombstones left out of the index they stay index-only scans that never meet one.
 CREATE INDEX posts_live_author_id_idx ON posts (author_id, id) WHERE deleted_at IS NULL;
