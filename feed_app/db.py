@@ -457,7 +457,7 @@ class Database:
                 SELECT id FROM posts WHERE author_id = ANY(%s) AND deleted_at IS NULL
                 ORDER BY id DESC LIMIT %s)"""
         posts, horizon = await self._read_with_horizon(sql, (author_ids, limit))
-        posts.sort(key=lambda post: post.id)
+        posts.sort(key=lambda post: post.id)  # the join with users keeps no order
         return posts, horizon
 
     async def changes_after(
@@ -478,7 +478,9 @@ class Database:
         sql = f"""
             SELECT {_POST_COLUMNS} FROM posts
             WHERE author_id = ANY(%s) AND version > %s ORDER BY version LIMIT %s"""
-        return await self._read_with_horizon(sql, (author_ids, after, limit))
+        posts, horizon = await self._read_with_horizon(sql, (author_ids, after, limit))
+        posts.sort(key=lambda post: post.version)  # the join with users keeps no order
+        return posts, horizon
 
     async def _read_with_horizon(self, sql: str, params: Any) -> tuple[list[Post], int | None]:
         """The posts `sql` reads from posts (its _POST_COLUMNS, in its order) and the horizon
