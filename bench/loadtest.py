@@ -13,7 +13,8 @@ What a run does, in order, for each fan-out mode (--fanout session|process, or b
     id range, so the run's users have no posts and no history pollutes the measurement;
  3. opens S websocket sessions with self-minted tokens and waits for `ready` on each;
  4. posts R posts/s for T seconds (POST /post/create) with tagged texts, and records for every
-    post which open sessions must receive it, then which did, when, and how often; with
+    post which open sessions must receive it, then which did, when, and how often (with
+    --change-share, that share of the actions edit or delete a post instead, audited alike); with
     --saturate, steps of T seconds at rising rates instead, until one is not held (see
     bench/lib/saturation.py), then T seconds at half the highest rate held;
  5. drains for a few seconds, then reports latency, throughput, LOST and DUPLICATED deliveries,
@@ -83,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " (followers: mostly the popular authors, so a far larger fan-out) [uniform]",
     )
     shape.add_argument("--text-size", type=int, default=140, help="characters per post [140]")
+    shape.add_argument(
+        "--change-share",
+        type=float,
+        default=0.0,
+        help="fraction of the actions that edit or delete (in turn) one of the phase's posts"
+        " instead of posting, each audited like a post [0]",
+    )
     shape.add_argument("--seed", type=int, default=1, help="random seed of the population [1]")
 
     target = options.service_options(parser)
@@ -165,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.chart = args.chart or args.json.with_suffix(".png")
     if args.users < 2 or args.sessions < 1 or args.rate <= 0 or args.duration <= 0:
         parser.error("need --users >= 2, --sessions >= 1, --rate > 0 and --duration > 0")
+    if not 0 <= args.change_share < 1:
+        parser.error("--change-share is a fraction: 0 <= share < 1")
     if args.saturate and (args.step_factor <= 1 or args.max_steps < 1):
         parser.error("--saturate needs --step-factor > 1 and --max-steps >= 1")
     if args.url and args.fanout == "both":

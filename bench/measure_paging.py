@@ -30,11 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.lib.options import PAGING_DSN
 from feed_app.db import Database
 from feed_app.handlers import MAX_FEED_LIMIT, MAX_FEED_OFFSET
+from feed_app.sessions import RESUME_PAGE
 from feed_app.wire import MAX_ID
 
 PAGE = 20
 DEEP_PAGES = 50  # "page 51": the before= a reader reaches after pressing "load older" 50 times
 OLD_ID = 1_000_000  # before= this: history months old (ids run 1..10M)
+# A resume since= this many changes before the newest: a client away for a minute at a busy
+# hour, and for a day or more (at 3 s per post, 100,000 changes are about 3.5 days).
+RESUME_BEHIND = (1_000, 100_000)
 
 # The feed query before keyset paging: a join ordered by id with OFFSET.
 OLD_FEED_SQL = """
@@ -49,7 +53,7 @@ class CapturedSql(Database):
     def __init__(self) -> None:
         super().__init__(pool=None)
         self.sql: tuple[str, Any] | None = None
-        for _ in range(2):  # a horizon for any snapshot: posts_after returns at once
+        for _ in range(2):  # a horizon for any snapshot: a read returns at once
             self.horizon.add_sample(0, 0)
 
     async def _run(self, sql: str, params: Any = None, *, retry: bool = True) -> list[tuple]:
@@ -124,8 +128,8 @@ def main() -> None:
     cur.execute("SELECT shape, user_id FROM bench_shapes ORDER BY user_id DESC")
     shapes = cur.fetchall()
     cur.execute("SELECT (SELECT count(*) FROM users), (SELECT last_value FROM post_ids)")
-    users, posts = cur.fetchone()
-    print(f"{users:,} users, {posts:,} posts; {args.runs} runs per case")
+    users, changes = cur.fetchone()
+    print(f"{users:,} users, {changes:,} changes (posts, edits, deletes); {args.runs} runs each")
     print(f"{'case':<58} {'min':>8} {'median':>8} {'max':>8}   (ms)    shared buffers hit/read")
 
     def case(label: str, sql: str, params: Any) -> None:
@@ -159,8 +163,11 @@ def main() -> None:
                 case(f"  old query {name}: offset {offset}", OLD_FEED_SQL, old)
         cur.execute("SELECT array_agg(author_id) FROM follows WHERE follower_id = %s", (user,))
         (authors,) = cur.fetchone()
-        history = service_sql("posts_after", sorted(authors), 0, PAGE, newest=True)
-        case(f"  socket history (posts_after) {name}", *history)
+        history = service_sql("history", sorted(authors), PAGE)
+        case(f"  socket history (history) {name}", *history)
+        for behind in RESUME_BEHIND:
+            resume = service_sql("changes_after", sorted(authors), changes - behind, RESUME_PAGE)
+            case(f"  resume {behind:,} back (changes_after) {name}", *resume)
         case(f"following list {name}", *service_sql("followed_users", user))
 
     for prefix in ("a", "al", "ali", "alice sm", "zz", "%", "É"):

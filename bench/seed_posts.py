@@ -15,7 +15,9 @@ The population, chosen so that every shape of follow list the feed must serve fa
 - every user follows `--follows` (20) authors chosen by the same popularity;
 - four users get the follow lists the measurements need, recorded in the table `bench_shapes`:
   `wide_popular` (500 of the 2,000 most active authors), `wide_uniform` (500 authors at random),
-  `rare` (20 rarely-posting authors) and `huge` (5,000 authors at random).
+  `rare` (20 rarely-posting authors) and `huge` (5,000 authors at random);
+- every `--edit-every` (100th) post is edited and every `--delete-every` (1000th) deleted, after
+  all the posts: their versions are the newest change numbers.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--posts", type=int, default=10_000_000)
     parser.add_argument("--follows", type=int, default=20, help="authors each user follows")
     parser.add_argument("--rare-authors", type=int, default=1000)
+    parser.add_argument("--edit-every", type=int, default=100, help="edit every Nth post [100]")
+    parser.add_argument(
+        "--delete-every", type=int, default=1000, help="delete every Nth post [1000]"
+    )
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
     name = psycopg2.extensions.parse_dsn(args.dsn).get("dbname", "")
@@ -103,8 +109,8 @@ def user_rows(users: int, rng: random.Random) -> Iterator[tuple]:
 
 
 def post_rows(args: argparse.Namespace, rng: random.Random) -> Iterator[tuple]:
-    """Posts 1..N in id order with rising created_at; authors by Zipf popularity, except the
-    rare authors' posts at random ids."""
+    """Posts 1..N in id order with rising created_at, none changed yet; authors by Zipf
+    popularity, except the rare authors' posts at random ids."""
     active = args.users - args.rare_authors  # users 1..active post by popularity
     rare_posts = {
         post_id: active + 1 + n // 2
@@ -120,7 +126,7 @@ def post_rows(args: argparse.Namespace, rng: random.Random) -> Iterator[tuple]:
                 "%Y-%m-%d %H:%M:%S+00", time.gmtime(start + post_id * SECONDS_PER_POST)
             )
             text = f"{' '.join(rng.choices(WORDS, k=6))} #{post_id}"
-            yield post_id, rare_posts.get(post_id, author), text, created
+            yield post_id, rare_posts.get(post_id, author), text, created, post_id
 
 
 def follow_rows(args: argparse.Namespace, rng: random.Random) -> tuple[Iterator[tuple], dict]:
@@ -140,6 +146,24 @@ def follow_rows(args: argparse.Namespace, rng: random.Random) -> tuple[Iterator[
         shape_users[shape] = user
     rows = ((user + 1, author + 1) for user, authors in enumerate(graph) for author in authors)
     return rows, shape_users
+
+
+def change_posts(cur, edit_every: int, delete_every: int) -> int:
+    """Edit every edit_every-th post and delete every delete_every-th one (0: none), each taking
+    the next change number as the service does (sql/006_post_changes.sql). Returns how many."""
+    changed = 0
+    for every, change in (
+        (edit_every, "edited_at = created_at + interval '1 hour'"),
+        (delete_every, "text = '', deleted_at = created_at + interval '1 hour'"),
+    ):
+        if every > 0:
+            cur.execute(
+                f"UPDATE posts SET version = nextval('post_ids'), {change}"
+                " WHERE id %% %s = 1 AND deleted_at IS NULL",
+                (every,),
+            )
+            changed += cur.rowcount
+    return changed
 
 
 def main() -> None:
@@ -169,9 +193,11 @@ def main() -> None:
         rows, shape_users = follow_rows(args, rng)
         say(f"follows: {copy_rows(cur, 'follows', 'follower_id, author_id', rows)}")
         cur.execute("SELECT setval(pg_get_serial_sequence('users', 'id'), %s)", (args.users,))
-        posts = copy_rows(cur, "posts", "id, author_id, text, created_at", post_rows(args, rng))
+        columns = "id, author_id, text, created_at, version"  # never changed: version = id
+        posts = copy_rows(cur, "posts", columns, post_rows(args, rng))
         say(f"posts: {posts}")
         cur.execute("SELECT setval('post_ids', %s)", (args.posts,))
+        say(f"edits and deletes: {change_posts(cur, args.edit_every, args.delete_every)}")
         for _, definition in indexes:
             cur.execute(definition)
         cur.execute("CREATE TABLE bench_shapes (shape text PRIMARY KEY, user_id bigint NOT NULL)")

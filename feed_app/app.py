@@ -171,6 +171,8 @@ def make_app(service: Service) -> tornado.web.Application:
             (r"/friend/delete/([^/]+)", handlers.FollowHandler, {**s, "follow": False}),
             (r"/friend/list", handlers.FollowingListHandler, s),
             (r"/post/create", handlers.CreatePostHandler, s),
+            (r"/post/update", handlers.UpdatePostHandler, s),
+            (r"/post/delete/([^/]+)", handlers.DeletePostHandler, s),
             (r"/post/get/([^/]+)", handlers.PostHandler, s),
             (r"/post/feed", handlers.FeedPageHandler, s),
             (r"/post/feed/([^/]+)", FeedSocketHandler, s),

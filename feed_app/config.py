@@ -136,7 +136,7 @@ _OPTIONS = [
     ("login_rate_user", "FEED_LOGIN_RATE_USER", "login attempts per user id (N/minute, N/hour)"),
     ("login_rate_address", "FEED_LOGIN_RATE_ADDRESS", "login attempts per client address"),
     ("register_rate", "FEED_REGISTER_RATE", "registrations per client address"),
-    ("post_rate", "FEED_POST_RATE", "posts per user"),
+    ("post_rate", "FEED_POST_RATE", "posts, edits and deletes per user"),
     ("follow_rate", "FEED_FOLLOW_RATE", "follows and unfollows per user"),
     ("follow_max", "FEED_FOLLOW_MAX", "authors one user may follow"),
     ("hash_workers", "FEED_HASH_WORKERS", "password hashes computed at once per process"),

@@ -16,6 +16,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from feed_app import wire
 from feed_app.horizon import HorizonClock
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,19 @@ MIGRATION_LOCK = 0x46454544  # pg_advisory_lock key ("FEED") serialising concurr
 # Seconds for connecting or for one query (aiopg closes a connection whose query times out). It
 # bounds how long a request waits on a PostgreSQL that accepts connections but does not answer.
 QUERY_TIMEOUT = 3.0
-HORIZON_ATTEMPTS = 30  # samples posts_after waits for the horizon clock at start-up
+HORIZON_ATTEMPTS = 30  # samples a read with a horizon waits for the horizon clock at start-up
 
 
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (or answered too slowly); the caller answers 503."""
+
+
+class PostNotFound(Exception):
+    """No such post, or it was deleted (only a delete may find a deleted post)."""
+
+
+class NotYourPost(Exception):
+    """A change of a post by someone who is not its author."""
 
 
 class UnknownUser(Exception):
@@ -44,6 +53,9 @@ class Post:
     text: str
     created_at: datetime.datetime
     author_name: str
+    version: int  # the change number of its latest change (sql/006_post_changes.sql)
+    edited_at: datetime.datetime | None
+    deleted_at: datetime.datetime | None  # set: a tombstone, its text gone
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,7 +64,20 @@ class Post:
             "author_name": self.author_name,
             "text": self.text,
             "created_at": self.created_at.isoformat(),
+            "edited_at": self.edited_at.isoformat() if self.edited_at else None,
+            "version": self.version,
         }
+
+    def frame(self) -> bytes:
+        """The websocket frame of its latest change."""
+        if self.deleted_at is not None:
+            return wire.deleted_frame(self.id, self.version)
+        return wire.post_frame(self.to_json())
+
+    @property
+    def changed_at(self) -> datetime.datetime:
+        """When its latest change was made (the start of the create-to-send latency)."""
+        return self.deleted_at or self.edited_at or self.created_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +150,14 @@ def drop_database(dsn: str) -> None:
 
 # --- queries --------------------------------------------------------------------------------------
 
-_POST_COLUMNS = "id, author_id, text, created_at"
+_POST_COLUMNS = "id, author_id, text, created_at, version, edited_at, deleted_at"
 # A Post row from posts p: the columns, then the author's name from the join.
-_POST_ROW = "p.id, p.author_id, p.text, p.created_at, u.name"
+_POST_ROW = "p.id, p.author_id, p.text, p.created_at, u.name, p.version, p.edited_at, p.deleted_at"
 _JOIN_AUTHOR = "JOIN users u ON u.id = p.author_id"
 
 # A page of the caller's feed, newest first: the caller's own posts and those of the authors the
-# caller follows, with ids below %(before)s; %(depth)s = offset + limit. Two ways to find the
+# caller follows, with ids below %(before)s, deleted ones left out; %(depth)s = offset + limit
+# (the reads per author match the partial index posts_live_author_id_idx). Two ways to find the
 # page, both bounded whatever the follow list looks like (figures in BENCHMARKS.md, "Feed pages"):
 # - `quick`: when the authors post often, the page is among the newest %(window)s posts, read
 #   backwards along the id index and kept when their author is followed;
@@ -146,7 +172,7 @@ FEED_PAGE_SQL = f"""
         UNION ALL SELECT %(user)s
     ), quick AS MATERIALIZED (
         SELECT recent.id FROM (
-            SELECT id, author_id FROM posts WHERE id < %(before)s
+            SELECT id, author_id FROM posts WHERE id < %(before)s AND deleted_at IS NULL
             ORDER BY id DESC LIMIT %(window)s
         ) recent
         WHERE recent.author_id IN (SELECT author_id FROM authors)
@@ -154,7 +180,8 @@ FEED_PAGE_SQL = f"""
     ), newest AS MATERIALIZED (
         SELECT authors.author_id, latest.id
         FROM authors CROSS JOIN LATERAL (
-            SELECT id FROM posts WHERE author_id = authors.author_id AND id < %(before)s
+            SELECT id FROM posts
+            WHERE author_id = authors.author_id AND id < %(before)s AND deleted_at IS NULL
             ORDER BY id DESC LIMIT 1
         ) latest
     ), floor AS (
@@ -167,6 +194,7 @@ FEED_PAGE_SQL = f"""
         FROM newest CROSS JOIN floor CROSS JOIN LATERAL (
             SELECT id FROM posts
             WHERE author_id = newest.author_id AND id < %(before)s AND id >= floor.id
+                AND deleted_at IS NULL
             ORDER BY id DESC LIMIT %(depth)s
         ) older
         WHERE newest.id >= floor.id AND (SELECT count(*) FROM quick) < %(depth)s
@@ -379,8 +407,29 @@ class Database:
             raise UnknownUser(f"user {author_id} does not exist") from exc
         return Post(*row)
 
+    async def change_post(
+        self, post_id: int, author_id: int, text: str | None, lease: float
+    ) -> tuple[Post, bool]:
+        """Edit the author's post (text) or delete it (text None), with its outbox row, in one
+        statement (change_post(), in the schema). Returns the post as it is now and whether it
+        changed: deleting a deleted post changes nothing and returns its tombstone. Raises
+        PostNotFound (no such post, or an edit of a deleted one) and NotYourPost."""
+        sql = f"""
+            SELECT {_POST_ROW}, c.refusal
+            FROM change_post(%(post)s, %(author)s, %(text)s, %(lease)s) c
+            LEFT JOIN LATERAL (SELECT (c.post).*) p ON true LEFT {_JOIN_AUTHOR}"""
+        params = {"post": post_id, "author": author_id, "text": text, "lease": lease}
+        [(*row, refusal)] = await self._run(sql, params, retry=False)
+        if refusal == "missing":
+            raise PostNotFound(post_id)
+        if refusal == "forbidden":
+            raise NotYourPost(post_id)
+        return Post(*row), refusal is None
+
     async def get_post(self, post_id: int) -> Post | None:
-        sql = f"SELECT {_POST_ROW} FROM posts p {_JOIN_AUTHOR} WHERE p.id = %s"
+        sql = f"""
+            SELECT {_POST_ROW} FROM posts p {_JOIN_AUTHOR}
+            WHERE p.id = %s AND p.deleted_at IS NULL"""
         rows = await self._run(sql, (post_id,))
         return Post(*rows[0]) if rows else None
 
@@ -395,64 +444,89 @@ class Database:
         }
         return [Post(*row) for row in await self._run(FEED_PAGE_SQL, params)]
 
-    async def posts_after(
-        self, author_ids: list[int], after_id: int, limit: int, *, newest: bool = False
-    ) -> tuple[list[Post], int | None]:
-        """Posts of these authors with id > after_id, oldest first, and the read's horizon:
-        every committed post with an id up to it is in the read (feed_app/horizon.py). Posts
-        above it may be in the read too, and others may still commit below the newest returned.
-        With newest=True, the newest `limit` posts instead of the oldest.
+    async def history(self, author_ids: list[int], limit: int) -> tuple[list[Post], int | None]:
+        """The newest `limit` live posts of these authors, oldest first, each in its latest
+        state, and the read's horizon (see changes_after): what a new socket starts with.
 
-        A session subscribes before it calls this and drops live posts at or below the horizon
-        or already sent: it then misses nothing and shows nothing twice.
+        The ids first, then the rows: the ids alone come from the partial index
+        posts_live_author_id_idx, whereas for whole rows PostgreSQL may prefer a backward scan
+        of every post, which for authors who rarely post reads most of the table (a second at
+        10M posts: BENCHMARKS.md, "Edits and deletes")."""
+        sql = f"""
+            SELECT {_POST_COLUMNS} FROM posts WHERE id IN (
+                SELECT id FROM posts WHERE author_id = ANY(%s) AND deleted_at IS NULL
+                ORDER BY id DESC LIMIT %s)"""
+        posts, horizon = await self._read_with_horizon(sql, (author_ids, limit))
+        posts.sort(key=lambda post: post.id)  # the join with users keeps no order
+        return posts, horizon
+
+    async def changes_after(
+        self, author_ids: list[int], after: int, limit: int
+    ) -> tuple[list[Post], int | None]:
+        """The posts of these authors changed after change number `after` (new, edited or
+        deleted: tombstones included), each once in its latest state, by version, and the
+        read's horizon: every committed change numbered up to it is in the read
+        (feed_app/horizon.py). Changes above it may be in the read too, and others may still
+        commit below the highest version returned.
+
+        A session subscribes before it calls this and drops live changes at or below the
+        horizon or already sent: it then misses nothing and shows nothing twice.
 
         The horizon is None when a transaction somewhere on the server has been running for
         longer than the clock remembers (feed_app/horizon.py): the read is good, but nobody can
         say up to where."""
-        order = "DESC" if newest else "ASC"
+        sql = f"""
+            SELECT {_POST_COLUMNS} FROM posts
+            WHERE author_id = ANY(%s) AND version > %s ORDER BY version LIMIT %s"""
+        posts, horizon = await self._read_with_horizon(sql, (author_ids, after, limit))
+        posts.sort(key=lambda post: post.version)  # the join with users keeps no order
+        return posts, horizon
+
+    async def _read_with_horizon(self, sql: str, params: Any) -> tuple[list[Post], int | None]:
+        """The posts `sql` reads from posts (its _POST_COLUMNS, in its order) and the horizon
+        of the read's snapshot."""
         sql = f"""
             SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, {_POST_ROW}
-            FROM (VALUES (1)) AS one LEFT JOIN LATERAL (
-                SELECT {_POST_COLUMNS} FROM posts
-                WHERE author_id = ANY(%s) AND id > %s ORDER BY id {order} LIMIT %s
-            ) p ON true LEFT {_JOIN_AUTHOR}"""
-        rows = await self._run(sql, (author_ids, after_id, limit))
+            FROM (VALUES (1)) AS one LEFT JOIN LATERAL ({sql}) p ON true LEFT {_JOIN_AUTHOR}"""
+        rows = await self._run(sql, params)
         for _ in range(HORIZON_ATTEMPTS):
             if self.horizon.warm:
                 break
             await asyncio.sleep(HorizonClock.SAMPLE_EVERY)  # the clock has only just started
-            rows = await self._run(sql, (author_ids, after_id, limit))
+            rows = await self._run(sql, params)
         horizon = self.horizon.horizon(rows[0][0])
         if horizon is None:
             self._horizon_stalled()
-        posts = [Post(*row[1:]) for row in rows if row[1] is not None]
-        posts.sort(key=lambda post: post.id)
-        return posts, horizon
+        return [Post(*row[1:]) for row in rows if row[1] is not None], horizon
 
     # outbox
 
     async def claim_outbox(
         self, lease: float, limit: int, mine: list[int], busy: list[int]
-    ) -> list[Post]:
+    ) -> list[tuple[int, Post]]:
         """Take over, and extend the lease of, the outbox rows listed in `mine` (this process
         failed to publish them) and the rows whose lease ran out (their writer died or is stuck),
-        except the `busy` ones this process is publishing or has published."""
+        except the `busy` ones this process is publishing or has published. Returns each row's
+        version with its post as it is now: a later change overtook the row's when the two
+        differ, and that later state is what goes out."""
         sql = f"""
             WITH claimed AS (
                 UPDATE outbox SET claimed_until = now() + %(lease)s * interval '1 second'
-                WHERE post_id IN (
-                    SELECT post_id FROM outbox
-                    WHERE post_id = ANY(%(mine)s)
-                       OR (claimed_until < now() AND post_id <> ALL(%(busy)s))
-                    ORDER BY post_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-                RETURNING post_id)
-            SELECT {_POST_ROW} FROM posts p {_JOIN_AUTHOR}
-            WHERE p.id IN (SELECT post_id FROM claimed) ORDER BY p.id"""
+                WHERE version IN (
+                    SELECT version FROM outbox
+                    WHERE version = ANY(%(mine)s)
+                       OR (claimed_until < now() AND version <> ALL(%(busy)s))
+                    ORDER BY version LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+                RETURNING version, post_id)
+            SELECT claimed.version, {_POST_ROW}
+            FROM claimed JOIN posts p ON p.id = claimed.post_id {_JOIN_AUTHOR}
+            ORDER BY claimed.version"""
         params = {"lease": lease, "limit": limit, "mine": mine, "busy": busy}
-        return [Post(*row) for row in await self._run(sql, params, retry=False)]
+        rows = await self._run(sql, params, retry=False)
+        return [(version, Post(*row)) for version, *row in rows]
 
-    async def delete_outbox(self, post_ids: list[int]) -> None:
-        await self._run("DELETE FROM outbox WHERE post_id = ANY(%s)", (post_ids,))
+    async def delete_outbox(self, versions: list[int]) -> None:
+        await self._run("DELETE FROM outbox WHERE version = ANY(%s)", (versions,))
 
     async def claim_follow_changes(self, lease: float, limit: int) -> list[tuple[int, int, int]]:
         """(id, follower, author) of follow changes whose announcement was not confirmed within

@@ -79,8 +79,9 @@ def seed_demo(dsn: str) -> None:
             # database.
             for author, text, hours_ago in sorted(DEMO_POSTS, key=lambda post: -post[2]):
                 cur.execute(
-                    "INSERT INTO posts (id, author_id, text, created_at)"
-                    " VALUES (nextval('post_ids'), %s, %s, now() - %s * interval '1 hour')",
+                    "INSERT INTO posts (id, author_id, text, created_at, version)"
+                    " SELECT n, %s, %s, now() - %s * interval '1 hour', n"
+                    " FROM nextval('post_ids') n",
                     (ids[author], text, hours_ago),
                 )
     conn.close()

@@ -45,7 +45,7 @@ class Publisher(Protocol):
     def is_open(self) -> bool: ...
 
     def publish_post(
-        self, author_id: int, post_id: int, frame: bytes, created_ms: int
+        self, author_id: int, version: int, frame: bytes, created_ms: int
     ) -> asyncio.Future: ...
 
     def publish_follow_change(self, user_id: int, author_id: int) -> asyncio.Future: ...
@@ -53,10 +53,11 @@ class Publisher(Protocol):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delivery:
-    """A live post: its ids for de-duplication, the websocket frame to forward, and when it was
-    created (for the create-to-send latency)."""
+    """A live change of a post (new, edited, deleted): its version for de-duplication (one
+    sequence numbers every change), its author, the websocket frame to forward, and when it was
+    made (for the change-to-send latency)."""
 
-    post_id: int
+    version: int
     author_id: int
     frame: bytes
     created_ms: int | None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import tornado.web
 
 from feed_app import auth
-from feed_app.db import DatabaseUnavailable
+from feed_app.db import DatabaseUnavailable, NotYourPost, PostNotFound
 from feed_app.httpkit import (
     BODY_TOO_LARGE,
     MAX_BODY,
@@ -28,7 +28,7 @@ from feed_app.wire import MAX_ID
 if TYPE_CHECKING:
     from feed_app.broker import Broker
     from feed_app.config import Settings
-    from feed_app.db import Database
+    from feed_app.db import Database, Post
     from feed_app.fanout import Fanout
     from feed_app.limits import Limits
     from feed_app.metrics import Exporter
@@ -201,20 +201,61 @@ class FollowHandler(BaseHandler):
         self.finish({"user_id": caller, "author_id": author, "following": self.follow})
 
 
+def _check_post_text(text: str) -> None:
+    if not text.strip():
+        raise ApiError(400, "text must not be empty")
+    if len(text) > MAX_POST_LENGTH:
+        raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
+
+
 class CreatePostHandler(BaseHandler):
     async def post(self) -> None:
         author = self.caller_id()
         text = self.json_body({"text": str})["text"]
-        if not text.strip():
-            raise ApiError(400, "text must not be empty")
-        if len(text) > MAX_POST_LENGTH:
-            raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
+        _check_post_text(text)
         await self.service.limits.post(author)
         relay = self.service.relay
         post = await self.db.insert_post(author, text, relay.lease)
         relay.publish(post)
         self.set_status(201)
         self.finish(post.to_json())
+
+
+class ChangePostHandler(BaseHandler):
+    """What an edit and a delete share: only the author changes a post, a change counts against
+    the author's post rate (it costs a publish to every follower, as a post does), and it goes
+    out through the outbox as a post does."""
+
+    async def change(self, author: int, post_id: int, text: str | None) -> Post:
+        await self.service.limits.post(author)
+        relay = self.service.relay
+        try:
+            post, changed = await self.db.change_post(post_id, author, text, relay.lease)
+        except PostNotFound as exc:
+            raise ApiError(404, f"post {post_id} not found") from exc
+        except NotYourPost as exc:
+            raise ApiError(403, f"post {post_id} is not yours") from exc
+        if changed:
+            relay.publish(post)
+        return post
+
+
+class UpdatePostHandler(ChangePostHandler):
+    async def put(self) -> None:
+        author = self.caller_id()
+        body = self.json_body({"id": int, "text": str})
+        if not 0 < body["id"] <= MAX_ID:
+            raise ApiError(400, "id must be a positive integer below 2^63")
+        _check_post_text(body["text"])
+        post = await self.change(author, body["id"], body["text"])
+        self.finish(post.to_json())
+
+
+class DeletePostHandler(ChangePostHandler):
+    async def put(self, post_id: str) -> None:
+        author = self.caller_id()
+        post = await self.change(author, parse_id(post_id, "post id"), None)
+        self.finish({"id": post.id, "deleted": True, "version": post.version})
 
 
 class PostHandler(BaseHandler):

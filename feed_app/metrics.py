@@ -203,7 +203,9 @@ class Exporter:
         ]
         if outbox_backlog is not None:
             found.append(
-                GaugeMetricFamily("feed_outbox_backlog", "posts not yet published", outbox_backlog)
+                GaugeMetricFamily(
+                    "feed_outbox_backlog", "changes not yet published", outbox_backlog
+                )
             )
         return found
 

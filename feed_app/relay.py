@@ -1,11 +1,14 @@
-"""The outbox relay: every committed post reaches the broker, whatever fails in between.
+"""The outbox relay: every committed change of a post (new, edited, deleted) reaches the broker,
+whatever fails in between.
 
-A post and its outbox row are committed together (db.insert_post). The process that wrote them
-publishes at once (the fast path) and deletes the row when the broker confirms. What is left over
+A change and its outbox row, keyed by the change's version, are committed together
+(db.insert_post, db.change_post). The process that wrote them publishes at once (the fast path)
+and deletes the row when the broker confirms. What is left over
 is found by the sweep: the rows this process failed to publish (the broker was down, the confirm
 never came), at once when the broker is back, and anybody's rows whose lease ran out (their
-writer died), by any instance. A post can therefore be published twice, never zero times;
-sessions de-duplicate by id.
+writer died), by any instance. A change can therefore be published twice, never zero times;
+sessions de-duplicate by version. A leftover row is published with its post's state when the
+sweep claims it, which may be a later change's: clients keep the highest version of a post.
 
 Why the sweep takes this process's own rows by id and not "every row I wrote": a post commits a
 moment before its request handler hands it to the fast path, and a sweep running in between would
@@ -19,7 +22,6 @@ import contextlib
 import logging
 import time
 
-from feed_app import wire
 from feed_app.db import Database, DatabaseUnavailable, Post
 from feed_app.fanout import BrokerUnavailable, Publisher
 from feed_app.metrics import Metrics
@@ -36,8 +38,9 @@ class OutboxRelay:
         self.broker = broker
         self.metrics = metrics
         self.lease = lease
-        # Post ids this process is publishing, and those the broker confirmed whose outbox rows are
-        # not deleted yet: the sweep must not take either for leftovers and publish them again.
+        # Versions (outbox keys) this process is publishing, and those the broker confirmed whose
+        # outbox rows are not deleted yet: the sweep must not take either for leftovers and
+        # publish them again.
         self._in_flight: set[int] = set()
         self._confirmed: set[int] = set()
         self._unpublished: set[int] = set()  # the fast path failed: the sweep's job
@@ -59,27 +62,27 @@ class OutboxRelay:
     # --- fast path ----------------------------------------------------------------------------
 
     def publish(self, post: Post) -> None:
-        """Publish a just-committed post; failures are left to the sweep."""
+        """Publish a post's just-committed change; failures are left to the sweep."""
         if not self.broker.is_open:
-            self._unpublished.add(post.id)
-        elif post.id not in self._in_flight | self._confirmed:
-            self._in_flight.add(post.id)
-            self._spawn(self._publish(post))
+            self._unpublished.add(post.version)
+        elif post.version not in self._in_flight | self._confirmed:
+            self._in_flight.add(post.version)
+            self._spawn(self._publish(post.version, post))
 
-    async def _publish(self, post: Post) -> None:
-        """Publish and wait for the confirm; the caller has put the id in _in_flight."""
+    async def _publish(self, row: int, post: Post) -> None:
+        """Publish the post's state for the outbox row `row` and wait for the confirm; the
+        caller has put the row in _in_flight."""
         try:
-            frame = wire.post_frame(post.to_json())
-            created_ms = int(post.created_at.timestamp() * 1000)
-            await self.broker.publish_post(post.author_id, post.id, frame, created_ms)
+            created_ms = int(post.changed_at.timestamp() * 1000)
+            await self.broker.publish_post(post.author_id, post.version, post.frame(), created_ms)
         except BrokerUnavailable as exc:
-            log.info("post %d not published yet (%s); the outbox keeps it", post.id, exc)
-            self._unpublished.add(post.id)
+            log.info("change %d not published yet (%s); the outbox keeps it", row, exc)
+            self._unpublished.add(row)
             return
         finally:
-            self._in_flight.discard(post.id)
+            self._in_flight.discard(row)
         self.metrics.publishes += 1
-        self._confirmed.add(post.id)
+        self._confirmed.add(row)
         self._wake_deleter.set()
 
     async def _delete_confirmed(self) -> None:
@@ -124,20 +127,20 @@ class OutboxRelay:
             try:
                 mine = sorted(self._unpublished)[:SWEEP_BATCH]
                 busy = sorted(self._in_flight | self._confirmed)
-                posts = await self.db.claim_outbox(self.lease, SWEEP_BATCH, mine, busy)
+                rows = await self.db.claim_outbox(self.lease, SWEEP_BATCH, mine, busy)
             except DatabaseUnavailable as exc:
                 log.warning("outbox sweep skipped: %s", exc)
                 break
-            if posts:
-                log.info("republishing %d posts from the outbox", len(posts))
-            claimed_ids = {post.id for post in posts}
+            if rows:
+                log.info("republishing %d changes from the outbox", len(rows))
+            claimed_rows = {row for row, _ in rows}
             # Own rows not claimed are gone (another instance published them after the lease),
             # unless the batch was full and they did not fit.
-            self._unpublished -= set(mine) if len(posts) < SWEEP_BATCH else claimed_ids
-            self._in_flight |= claimed_ids
-            await asyncio.gather(*(self._publish(post) for post in posts))
-            claimed += len(posts)
-            if len(posts) < SWEEP_BATCH:
+            self._unpublished -= set(mine) if len(rows) < SWEEP_BATCH else claimed_rows
+            self._in_flight |= claimed_rows
+            await asyncio.gather(*(self._publish(row, post) for row, post in rows))
+            claimed += len(rows)
+            if len(rows) < SWEEP_BATCH:
                 break
         return claimed
 

@@ -1,5 +1,9 @@
 """A feed session: one open websocket, its subscription, and the bookkeeping that makes it exact.
 
+What the feed carries are changes of posts: a new post, an edit, a delete. Each change has a
+version drawn from the one sequence post ids come from (sql/006_post_changes.sql), so below
+"post" in "live posts", "the horizon", "the floor" and "sent" means a change, counted by version.
+
 The session is subscribed (feed_app/fanout.py: bound, whatever the mode) before anything is read
 from PostgreSQL, and live posts are held back while the read is sent. A post committed before the
 read is in the read; one committed after it was published after the subscription, so it arrives
@@ -14,7 +18,7 @@ restart costs a client nothing but time.
 A client that reconnects resumes with since=<the last checkpoint>, not the highest id it showed:
 posts can arrive out of id order (a post whose publish failed comes later, from the outbox), so
 "everything up to the highest id shown" is not known to be shown. The checkpoint is the floor,
-below which everything is settled; the client drops the ids it already shows.
+below which everything is settled; the client keeps, per post id, the highest version it got.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class FeedSocket(Protocol):
 
 
 class SeenPosts:
-    """Which post ids the session has sent, so none is sent twice, in bounded memory.
+    """Which changes (versions) the session has sent, so none is sent twice, in bounded memory.
 
     `floor` means "everything up to here is settled": at or below it a post was either sent or
     deliberately left out (older than the history window). Above it, ids are remembered one by
@@ -69,14 +73,15 @@ class SeenPosts:
         self._order: collections.deque[int] = collections.deque()
         self._seen_at: collections.deque[float] = collections.deque()  # beside _order
 
-    def add(self, post_id: int, *, even_below_floor: bool = False) -> bool:
-        """True the first time an id is seen, False for a duplicate. Ids at or below the floor
-        count as seen, unless even_below_floor (the old posts of a newly followed author)."""
-        if (post_id <= self.floor and not even_below_floor) or post_id in self._ids:
+    def add(self, version: int, *, even_below_floor: bool = False) -> bool:
+        """True the first time a change's version is seen, False for a duplicate. Versions at or
+        below the floor count as seen, unless even_below_floor (the old posts of a newly
+        followed author)."""
+        if (version <= self.floor and not even_below_floor) or version in self._ids:
             return False
         now = time.monotonic()
-        self._ids.add(post_id)
-        self._order.append(post_id)
+        self._ids.add(version)
+        self._order.append(version)
         self._seen_at.append(now)
         while len(self._order) > self.capacity and (
             len(self._order) > self.hard_capacity or now - self._seen_at[0] >= self.keep_for
@@ -299,9 +304,7 @@ class FeedSession:
             following = latest
 
     async def _send_history(self) -> None:
-        posts, horizon = await self.db.posts_after(
-            self._authors(), 0, self.settings.history_size, newest=True
-        )
+        posts, horizon = await self.db.history(self._authors(), self.settings.history_size)
         await self._send_posts(posts)
         if horizon is not None:
             self.seen.raise_floor(horizon)
@@ -310,25 +313,27 @@ class FeedSession:
         # every post after a floor of 0
 
     async def _send_posts_after_floor(self, authors: list[int]) -> None:
-        """Everything these authors posted after the floor, page by page, then raise the floor.
+        """Every change of these authors' posts after the floor (new, edited, deleted: a post
+        deleted after the floor goes out as a deleted frame, since the client may show it), page
+        by page, then raise the floor.
 
-        A page covers every committed post only up to its horizon (a post below the page's
-        last id may still be committing), so a full page is sent up to there and the next one
-        read from there: the pages then cover one unbroken range, and the last read's horizon is
-        a floor that no post can be missing under. Without a horizon past the cursor (a
-        transaction has run for minutes) pages are read on from their last id, and the floor is
-        left where it was."""
+        A page covers every committed change only up to its horizon (a change below the page's
+        last version may still be committing), so a full page is sent up to there and the next
+        one read from there: the pages then cover one unbroken range, and the last read's
+        horizon is a floor that no change can be missing under. Without a horizon past the
+        cursor (a transaction has run for minutes) pages are read on from their last version,
+        and the floor is left where it was."""
         after, unbroken = self.seen.floor, True
         while True:
-            posts, horizon = await self.db.posts_after(authors, after, RESUME_PAGE)
+            posts, horizon = await self.db.changes_after(authors, after, RESUME_PAGE)
             if len(posts) < RESUME_PAGE:
                 await self._send_posts(posts)
                 if unbroken and horizon is not None:
                     self.seen.raise_floor(horizon)
                 return
             unbroken = unbroken and horizon is not None and horizon > after
-            cut = min(posts[-1].id, horizon) if unbroken else posts[-1].id
-            await self._send_posts([post for post in posts if post.id <= cut])
+            cut = min(posts[-1].version, horizon) if unbroken else posts[-1].version
+            await self._send_posts([post for post in posts if post.version <= cut])
             if unbroken:
                 self.seen.raise_floor(cut)
             after = cut
@@ -336,8 +341,8 @@ class FeedSession:
     async def _send_posts(self, posts: list[Post], *, even_below_floor: bool = False) -> None:
         last = None
         for post in posts:
-            if self.seen.add(post.id, even_below_floor=even_below_floor):
-                last = self.socket.write_text_frame(wire.post_frame(post.to_json()))
+            if self.seen.add(post.version, even_below_floor=even_below_floor):
+                last = self.socket.write_text_frame(post.frame())
         if last is not None:
             await last  # back-pressure: the next page waits until this one left the process
 
@@ -364,7 +369,7 @@ class FeedSession:
 
     def _deliver(self, delivery: Delivery) -> asyncio.Future | None:
         shown = delivery.author_id in self.following or delivery.author_id == self.user_id
-        if not shown or not self.seen.add(delivery.post_id):
+        if not shown or not self.seen.add(delivery.version):
             return None
         try:
             written = self.socket.write_text_frame(delivery.frame)
@@ -431,9 +436,7 @@ class FeedSession:
                 if follow:
                     await self.fanout.follow(self, author_id)
                     self.following.add(author_id)
-                    posts, _ = await self.db.posts_after(
-                        [author_id], 0, self.settings.history_size, newest=True
-                    )
+                    posts, _ = await self.db.history([author_id], self.settings.history_size)
                     # Posts below the floor were not sent unless the author was followed when
                     # the floor was set: then they are settled already.
                     below = author_id not in self._floor_authors

@@ -1,6 +1,6 @@
 """What crosses a wire, defined once: ids, the websocket frames, close codes and their reasons,
-the RabbitMQ routing that carries posts and follow changes between instances, and the names of
-the queues the service declares (each made here, and read back by the same module).
+the RabbitMQ routing that carries posts' changes and follow changes between instances, and the
+names of the queues the service declares (each made here, and read back by the same module).
 
 docs/ documents each of these; clients (static/index.html, bench/) and other instances of the
 service (any version that shares the vhost) depend on them.
@@ -50,9 +50,17 @@ def _frame(message: dict[str, Any]) -> bytes:
 
 
 def post_frame(post: dict[str, Any]) -> bytes:
-    """A post as the client receives it. Built once per post by the process that publishes it and
-    carried as the AMQP body, so a session forwards it without decoding."""
+    """A post as the client receives it, new or edited (then its edited_at is set). Built once
+    per change by the process that publishes it and carried as the AMQP body, so a session
+    forwards it without decoding. A client keeps, per post id, the frame of the highest version:
+    two changes of one post may arrive in either order."""
     return _frame({"type": "post", "post": post})
+
+
+def deleted_frame(post_id: int, version: int) -> bytes:
+    """A post was deleted: the client drops it, and keeps it dropped whatever lower version
+    of it arrives later."""
+    return _frame({"type": "deleted", "id": post_id, "version": version})
 
 
 def ready_frame(following: int) -> bytes:
@@ -67,7 +75,8 @@ def following_frame(following: int) -> bytes:
     return _frame({"type": "following", "following": following})
 
 
-FRAME_TYPES = ("post", "ready", "checkpoint", "following")
+FRAME_TYPES = ("post", "deleted", "ready", "checkpoint", "following")
+CHANGE_FRAME_TYPES = ("post", "deleted")  # what the broker carries: one change of one post
 _PREFIXES = [(kind, f'{{"type":"{kind}"') for kind in FRAME_TYPES]
 
 

@@ -100,6 +100,44 @@ async def test_bad_ids_tokens_and_posts(api, settings, db_counts):
     assert code == 201 and len(post["text"]) == 1000  # the limit itself is allowed
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_bad_edits_and_deletes(api, settings, db_counts):
+    """Edits are validated as posts are; a refused edit or delete leaves the post as it was."""
+    user, other = await api.new_user(), await api.new_user()
+    expired = auth.issue_token(user.id, settings.jwt_secret, ttl=-10)
+    post = await api.post(user, "as it was")
+    mine = post["id"]
+
+    def edit(body, token=user.token):
+        return {"body": body, "token": token} if token else {"body": body}
+
+    cases = [
+        *(("PUT", f"/post/delete/{bad}", {"token": user.token}, 400) for bad in BAD_IDS),
+        ("PUT", f"/post/delete/{mine}", {}, 401),
+        ("PUT", f"/post/delete/{mine}", {"token": expired}, 401),
+        ("PUT", f"/post/delete/{mine}", {"token": other.token}, 403),
+        ("PUT", "/post/delete/999999999", {"token": user.token}, 404),
+        ("PUT", "/post/update", edit({"id": mine, "text": "new"}, token=None), 401),
+        ("PUT", "/post/update", edit({"id": mine, "text": "new"}, token=expired), 401),
+        ("PUT", "/post/update", edit({"id": mine, "text": "new"}, token=other.token), 403),
+        ("PUT", "/post/update", edit({"id": 999999999, "text": "new"}), 404),
+        ("PUT", "/post/update", {"raw": b"[1", "token": user.token}, 400),
+        ("PUT", "/post/update", edit({"text": "new"}), 400),
+        ("PUT", "/post/update", edit({"id": mine}), 400),
+        ("PUT", "/post/update", edit({"id": str(mine), "text": "new"}), 400),
+        ("PUT", "/post/update", edit({"id": 0, "text": "new"}), 400),
+        ("PUT", "/post/update", edit({"id": 2**63, "text": "new"}), 400),
+        ("PUT", "/post/update", edit({"id": True, "text": "new"}), 400),
+        ("PUT", "/post/update", edit({"id": mine, "text": " \n\t"}), 400),
+        ("PUT", "/post/update", edit({"id": mine, "text": "x" * 1001}), 400),
+        ("PUT", "/post/update", edit({"id": mine, "text": "nul \x00"}), 400),
+        ("GET", "/post/update", {"token": user.token}, 405),
+        ("POST", f"/post/delete/{mine}", {"token": user.token}, 405),
+    ]
+    await check_refused(api, cases, db_counts)
+    assert await api.call("GET", f"/post/get/{mine}") == (200, post)
+
+
 async def ws_refusal(api, path: str) -> tuple[int, dict]:
     with pytest.raises(HTTPClientError) as refused:
         await websocket_connect(api.ws_url + path)

@@ -75,7 +75,7 @@ class RecordingSubscriber(QuietSubscriber):
         self.posts: list[int] = []
 
     def on_post(self, delivery):
-        self.posts.append(delivery.post_id)
+        self.posts.append(delivery.version)
         return None
 
 

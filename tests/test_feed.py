@@ -274,7 +274,7 @@ async def test_the_horizon_stays_below_a_post_still_being_written_on_a_quiet_ser
             cur.execute("SELECT id FROM create_post(%s, 'slow commit', 60)", (author.id,))
             [(late_id,)] = cur.fetchall()
         await asyncio.sleep(0.5)  # a few samples of the horizon clock while it is open
-        posts, horizon = await service.db.posts_after([author.id], 0, 20)
+        posts, horizon = await service.db.changes_after([author.id], 0, 20)
         assert late_id not in [post.id for post in posts] and horizon < late_id
         feed = await api.open_feed(follower)
         writer.commit()

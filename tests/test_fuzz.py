@@ -137,20 +137,21 @@ def seed(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def row_counts(db_dsn):
-    """Rows in users, follows and posts, and outbox rows of posts newer than `after` (the relay
+    """Rows in users, follows and posts, the newest change of a post (a new post, an edit or a
+    delete each take a higher version), and outbox rows of changes newer than `after` (the relay
     deletes outbox rows as the broker confirms them, and republishes rows other tests left, so
     their plain count moves by itself; a refused request must add none)."""
     connection = psycopg2.connect(db_dsn)
     connection.autocommit = True
     sql = """SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM follows),
-                    (SELECT count(*) FROM posts), (SELECT coalesce(max(id), 0) FROM posts),
-                    (SELECT count(*) FROM outbox WHERE post_id > %s)"""
+                    (SELECT count(*) FROM posts), (SELECT coalesce(max(version), 0) FROM posts),
+                    (SELECT count(*) FROM outbox WHERE version > %s)"""
 
     def counts(after: int | None = None) -> dict[str, int]:
         with connection.cursor() as cur:
             cur.execute(sql, (after or 0,))
             users, follows, posts, newest, outbox = cur.fetchone()
-        return {"users": users, "follows": follows, "posts": posts, "newest post": newest} | (
+        return {"users": users, "follows": follows, "posts": posts, "newest change": newest} | (
             {} if after is None else {"new outbox rows": outbox}
         )
 
@@ -182,7 +183,7 @@ def test_every_operation_answers_as_documented_and_refusals_change_nothing(
         if status >= 400:
             assert isinstance(body, dict) and set(body) == {"error"} and body["error"], body
     if status >= 400:
-        after = row_counts(before["newest post"])
+        after = row_counts(before["newest change"])
         assert after == {**before, "new outbox rows": 0}, f"{case.method} {case.path} {status}"
 
 

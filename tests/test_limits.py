@@ -124,6 +124,28 @@ async def test_posts_per_user_are_refused(api, db_counts):
     await api.post(other)  # per user
 
 
+@limited(post_rate=rate("3/minute"))
+@pytest.mark.gen_test(timeout=30)
+async def test_edits_and_deletes_count_against_the_post_rate(api):
+    """An edit or a delete costs a publish to every follower, as a post does: one budget."""
+    author = await api.new_user()
+    post = await api.post(author)
+    code, edited = await api.call(
+        "PUT", "/post/update", {"id": post["id"], "text": "edited"}, token=author.token
+    )
+    assert code == 200, edited
+    answer = await api.request("PUT", f"/post/delete/{post['id']}", token=author.token)
+    assert answer[0] == 200, answer
+    refused = await api.request(
+        "PUT", "/post/update", {"id": post["id"], "text": "again"}, token=author.token
+    )
+    assert 1 <= assert_refused(refused) <= 60
+    assert await api.call("GET", f"/post/get/{post['id']}") == (
+        404,
+        {"error": f"post {post['id']} not found"},
+    )
+
+
 @limited(follow_rate=rate("3/minute"))
 @pytest.mark.gen_test(timeout=30)
 async def test_follow_changes_per_user_are_refused(api, db_counts):

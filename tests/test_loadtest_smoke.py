@@ -4,7 +4,8 @@ The load test spawns the service itself against a database of its own (feed_benc
 dropped afterwards, so it collides neither with the suite's feed_test_* databases, nor with full
 benchmark runs in feed_bench, nor with a concurrent run of this test), once in each fan-out mode,
 opens ~60 websocket sessions, posts for a few seconds and checks that every post reached every
-open session of every follower exactly once.
+open session of every follower exactly once. A fifth of the actions are edits and deletes of
+earlier posts (--change-share), audited the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from bench.lib import saturation
 from bench.lib.feedclient import Tracker
 from feed_app.config import MODES
-from feed_app.wire import post_frame
+from feed_app.wire import deleted_frame, post_frame
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOADTEST = REPO / "bench" / "loadtest.py"
@@ -31,6 +32,7 @@ TIMEOUT = 120  # seconds; the smoke run (both modes) takes about 20 s
 def test_smoke_run_loses_and_duplicates_nothing(tmp_path: pathlib.Path, scratch_dsn: str) -> None:
     results_path = tmp_path / "smoke.json"
     argv = [sys.executable, str(LOADTEST), "--smoke", "--quiet", "--fanout", "both"]
+    argv += ["--change-share", "0.2"]
     argv += ["--db-dsn", scratch_dsn]
     completed = subprocess.run(
         [*argv, "--json", str(results_path)],
@@ -48,6 +50,8 @@ def test_smoke_run_loses_and_duplicates_nothing(tmp_path: pathlib.Path, scratch_
         assert deliveries["lost"] == 0, output
         assert deliveries["duplicated"] == 0, output
         assert deliveries["delivered"] > 0, output
+        by_kind = run["phase"]["posts"]["by_kind"]
+        assert by_kind["edit"]["accepted"] > 0 and by_kind["delete"]["accepted"] > 0, output
     # The same posts went to the same sessions in both modes, and the broker was counted.
     assert (
         runs["session"]["phase"]["deliveries"]["expected"]
@@ -72,6 +76,29 @@ def test_tracker_counts_lost_and_duplicated_deliveries() -> None:
     assert tracker.losses(open_sessions={0, 1}) == (1, 0)
     assert tracker.losses(open_sessions={0}) == (0, 1)
     assert tracker.outstanding() == 1
+
+
+def test_tracker_audits_edits_and_deletes_like_posts() -> None:
+    """An edit is matched by its own marker in the new text, a delete by the post id it was
+    sent for; a delete of a post the tracker never deleted is someone else's frame."""
+    tracker = Tracker()
+    post = tracker.new_post(author=0, expected=frozenset({0, 1}), started=0.0)
+    tracker.on_http_result(post, 201, None)
+    edit = tracker.new_post(0, frozenset({0, 1}), 0.1, kind="edit", post_id=7)
+    tracker.on_http_result(edit, 200, None)
+    delete = tracker.new_post(0, frozenset({0, 1}), 0.2, kind="delete", post_id=7)
+    tracker.on_http_result(delete, 200, None)
+    edited = post_frame({"id": 7, "text": tracker.text(edit.index, 40)}).decode()
+    for session in (0, 1):
+        tracker.on_post_frame(session, edited, 0.3)
+        tracker.on_deleted_frame(session, deleted_frame(7, 9).decode(), 0.4)
+    tracker.on_deleted_frame(0, deleted_frame(7, 9).decode(), 0.5)
+    tracker.on_deleted_frame(0, deleted_frame(8, 10).decode(), 0.5)
+    assert (tracker.duplicated, tracker.foreign_frames) == (1, 1)
+    assert tracker.losses(open_sessions={0, 1}) == (2, 0)  # the post itself never came
+    missing_edit = tracker.new_post(0, frozenset({0}), 0.6, kind="edit", post_id=7)
+    tracker.on_http_result(missing_edit, 404, None)  # refused: nothing expected of it
+    assert tracker.losses(open_sessions={0, 1}) == (2, 0)
 
 
 def _phase(rate: float, capacity: float) -> dict[str, Any]:

@@ -714,3 +714,54 @@ async def test_page_resumes_after_each_close_code_without_duplicates(browser, ap
     assert [p["id"] for p in shown] == [p["id"] for p in reversed(expected)]
     assert "reconnecting" in await page.evaluate("window.__states")
     assert len(service.sessions) == 1 and dropped not in service.sessions
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_edit_and_delete_in_one_browser_are_seen_live_in_another(browser, api):
+    """The author edits a post and deletes another from her page; the reader's page, in another
+    browser context, shows the new text marked "edited" and loses the deleted post without a
+    reload, and a reload does not bring it back. Only the author's own posts have the buttons;
+    the delete asks first, in a dialog that opens on Cancel."""
+    author, reader = await api.new_user("Lena Park"), await api.new_user("Omar Diaz")
+    await api.follow(reader, author)
+    kept, dropped = await api.post(author, "tpyo here"), await api.post(author, "take me back")
+    mine, theirs = await browser.new_page(), await browser.new_page()
+    for page, user in ((mine, author), (theirs, reader)):
+        await log_in_with_keyboard(page, user)
+        await wait_live(page)
+        await wait_shown(page, dropped)
+    assert await theirs.evaluate("document.querySelectorAll('.post-edit').length") == 0
+    edit_button = f'li[data-id="{kept["id"]}"] .post-edit'
+    assert (
+        await mine.evaluate(
+            f"document.querySelector({js(edit_button)}).getAttribute('aria-describedby')"
+        )
+        == f"post-text-{kept['id']}"
+    )
+
+    await mine.click(edit_button)
+    editor = f"post-editor-{kept['id']}"
+    assert await mine.evaluate("document.activeElement.id") == editor
+    await mine.type(editor, "typo fixed <b>as text</b>")
+    await mine.click(f'li[data-id="{kept["id"]}"] .post-editor button:not(.secondary)')
+    shown_text = f'li[data-id="{kept["id"]}"] .post-text'
+    for page in (mine, theirs):
+        await page.wait_for(
+            f"document.querySelector({js(shown_text)}).textContent === 'typo fixed <b>as text</b>'"
+            f" && document.querySelector('li[data-id=\"{kept['id']}\"] .post-edited')"
+        )
+    assert await mine.evaluate("document.activeElement.classList.contains('post-edit')")
+
+    await mine.click(f'li[data-id="{dropped["id"]}"] .post-delete')
+    await mine.wait_for("document.getElementById('delete-dialog').open")
+    assert await mine.evaluate("document.activeElement.textContent") == "Cancel"
+    await mine.click("#delete-confirm")
+    gone = f"!document.querySelector('#output > li[data-id=\"{dropped['id']}\"]')"
+    for page in (mine, theirs):
+        await page.wait_for(gone)
+    assert [p["id"] for p in await shown_posts(theirs)] == [kept["id"]]
+
+    await theirs.reload()
+    await wait_live(theirs)
+    await wait_shown(theirs, kept)
+    assert [p["text"] for p in await shown_posts(theirs)] == ["typo fixed <b>as text</b>"]

@@ -281,7 +281,8 @@ def test_a_post_committed_between_two_resume_pages_is_not_dropped():
     floor must not pass 1100 unseen: the held post is then sent once."""
     author, late = 7, 1100
     posts = {
-        i: Post(i, author, "t", datetime.datetime.now(datetime.UTC), "a") for i in range(1001, 1601)
+        i: Post(i, author, "t", datetime.datetime.now(datetime.UTC), "a", i, None, None)
+        for i in range(1001, 1601)
     }
     reads: list[int] = []
 
@@ -289,7 +290,7 @@ def test_a_post_committed_between_two_resume_pages_is_not_dropped():
         async def following(self, user_id):
             return [author]
 
-        async def posts_after(self, authors, after, limit, newest=False):
+        async def changes_after(self, authors, after, limit):
             reads.append(after)
             if len(reads) == 1:
                 page = [posts[i] for i in range(1001, 1502) if i != late]

@@ -7,6 +7,10 @@ Matching: each post's text starts with a marker `#<nonce>:<8-digit index>#`. A f
 finding the marker in the raw text (no JSON parsing per frame: at tens of thousands of frames per
 second, the client's own CPU is part of what limits the measurement). The nonce is fresh per
 tracker, so a post from an earlier run, or history, never matches.
+
+Edits and deletes (loadtest --change-share) are audited as posts are, each a record of its own:
+an edit's new text carries the edit's own marker, and a `deleted` frame (no text) is matched by
+the post id, which the tracker learns before the delete is sent.
 """
 
 from __future__ import annotations
@@ -91,16 +95,26 @@ class LatencyHistogram:
 
 @dataclasses.dataclass(eq=False)
 class PostRecord:
-    """One post: when its request started, which sessions must get it, which did and when."""
+    """One post, edit or delete: when its request started, which sessions must get it, which
+    did and when."""
 
     index: int
     author: int  # user index
     started: float  # monotonic time the HTTP request started (or the burst started)
     expected: frozenset[int] = frozenset()  # sessions open and following the author at send time
+    kind: str = "post"  # or "edit", "delete"
     status: int | None = None  # HTTP status; None while in flight, 599 for a transport error
     answered: float | None = None
-    post_id: int | None = None
+    post_id: int | None = None  # the post made, edited or deleted
     received: dict[int, float] = dataclasses.field(default_factory=dict)  # session -> time
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == (201 if self.kind == "post" else 200)
+
+    @property
+    def failed(self) -> bool:
+        return self.status is not None and not self.accepted
 
 
 class Tracker:
@@ -109,7 +123,8 @@ class Tracker:
     def __init__(self) -> None:
         self.nonce = secrets.token_hex(3)
         self.marker = f"#{self.nonce}:"
-        self.posts: list[PostRecord] = []
+        self.posts: list[PostRecord] = []  # every action: posts, edits, deletes
+        self.deletes: dict[int, PostRecord] = {}  # post id -> the delete of it
         self.latencies: list[float] = []  # seconds, expected deliveries only
         self.histogram = LatencyHistogram()
         self.receive_times: list[float] = []
@@ -129,10 +144,20 @@ class Tracker:
         head = f"{self.marker}{index:0{INDEX_DIGITS}d}# bench post "
         return head + "x" * max(0, size - len(head))
 
-    def new_post(self, author: int, expected: frozenset[int], started: float) -> PostRecord:
-        record = PostRecord(len(self.posts), author, started, expected)
+    def new_post(
+        self,
+        author: int,
+        expected: frozenset[int],
+        started: float,
+        kind: str = "post",
+        post_id: int | None = None,
+    ) -> PostRecord:
+        """A record of an action about to be sent; a delete's frames are matched from now on."""
+        record = PostRecord(len(self.posts), author, started, expected, kind, post_id=post_id)
         self.posts.append(record)
         self.expected_total += len(expected)
+        if kind == "delete" and post_id is not None:
+            self.deletes[post_id] = record
         return record
 
     def on_post_frame(self, session: int, frame: str, now: float) -> None:
@@ -141,7 +166,16 @@ class Tracker:
             self.foreign_frames += 1
             return
         start = at + len(self.marker)
-        record = self.posts[int(frame[start : start + INDEX_DIGITS])]
+        self._received(self.posts[int(frame[start : start + INDEX_DIGITS])], session, now)
+
+    def on_deleted_frame(self, session: int, frame: str, now: float) -> None:
+        record = self.deletes.get(json.loads(frame)["id"])
+        if record is None:
+            self.foreign_frames += 1
+        else:
+            self._received(record, session, now)
+
+    def _received(self, record: PostRecord, session: int, now: float) -> None:
         if session in record.received:
             self.duplicated += 1
             return
@@ -163,7 +197,7 @@ class Tracker:
     def on_http_result(self, record: PostRecord, status: int, error: str | None) -> None:
         record.status = status
         record.answered = time.monotonic()
-        if status != 201:
+        if not record.accepted:
             self._count(self.http_errors, error or f"HTTP {status}")
 
     def on_close(self, code: int | None, reason: str | None) -> None:
@@ -178,11 +212,9 @@ class Tracker:
     def outstanding(self) -> int:
         """Expected deliveries not received yet, plus posts still waiting for their answer."""
         waiting = sum(1 for r in self.posts if r.status is None)
-        failed_expected = sum(len(r.expected) for r in self.posts if r.status not in (None, 201))
+        failed_expected = sum(len(r.expected) for r in self.posts if r.failed)
         failed_received = sum(
-            sum(1 for s in r.received if s in r.expected)
-            for r in self.posts
-            if r.status not in (None, 201)
+            sum(1 for s in r.received if s in r.expected) for r in self.posts if r.failed
         )
         missing = (self.expected_total - failed_expected) - (
             self.delivered_expected - failed_received
@@ -191,10 +223,10 @@ class Tracker:
 
     def losses(self, open_sessions: set[int]) -> tuple[int, int]:
         """(lost on sessions still open, undelivered to sessions that closed meanwhile) over the
-        posts the service accepted (201)."""
+        actions the service accepted (201 for a post, 200 for an edit or a delete)."""
         lost = lost_closed = 0
         for record in self.posts:
-            if record.status != 201:
+            if not record.accepted:
                 continue
             for session in record.expected:
                 if session not in record.received:
@@ -279,6 +311,8 @@ class FeedClient:
         kind = frame_type(message)
         if kind == "post":
             self.tracker.on_post_frame(self.index, message, now)
+        elif kind == "deleted":
+            self.tracker.on_deleted_frame(self.index, message, now)
         elif kind == "ready" and self.ready_at is None:
             self.ready_at = now
             self.following = json.loads(message).get("following")

@@ -4,13 +4,21 @@ already open, then a drain, and what the phase measured (deliveries, latency, CP
 Each phase has a Tracker of its own (the clients are pointed at it for the phase), so its
 figures are those of its own posts: the saturation search runs several phases, one after
 another, on the same sessions of the same service.
+
+With a change share (loadtest --change-share), that fraction of the actions, evenly spread, are
+an edit or a delete (in turn) of one of this phase's posts, the oldest not deleted and not being
+changed, by its author (in place of the action's planned author: with thousands of authors few
+have an earlier post of their own); before any post was accepted, a post instead. Each change is
+audited as a post is: every open session following the author must get it once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +51,15 @@ class Plan:
     authors: list[int]  # author (user index) of each post, in order
     text_size: int
     drain: float  # seconds to wait for the last deliveries
+    change_share: float = 0.0  # fraction of the actions that edit or delete a post
+
+    def kind_of(self, number: int) -> str:
+        """Action `number` is a change when the running count of changes steps up at it;
+        changes alternate between edits and deletes, so both modes get the same actions."""
+        changes_before = math.floor(number * self.change_share)
+        if math.floor((number + 1) * self.change_share) == changes_before:
+            return "post"
+        return "edit" if changes_before % 2 == 0 else "delete"
 
 
 class PostingPhase:
@@ -61,6 +78,9 @@ class PostingPhase:
         self.plan = plan
         self.quiet = quiet
         self.tracker = Tracker()
+        # (author, post id) of this phase's posts that a change may take, oldest first: posts
+        # accepted, not deleted, and no change of them in flight.
+        self.changeable: collections.deque[tuple[int, int]] = collections.deque()
         self.post_start = time.monotonic()
         self.open_at_end: set[int] = set()  # sessions still open when the drain ended
 
@@ -128,19 +148,32 @@ class PostingPhase:
             await asyncio.wait(in_flight, timeout=max(0.1, deadline - time.monotonic()))
 
     async def post_one(self, http: AsyncHTTPClient, number: int, author: int) -> None:
+        """One action: a post, or an edit or delete of one of the author's posts."""
+        kind, target = self.plan.kind_of(number), None
+        if kind != "post" and self.changeable:
+            author, target = self.changeable.popleft()
+        else:
+            kind = "post"
         expected = frozenset(s for s in self.fan_out[author] if self.clients[s].is_open)
-        record: PostRecord = self.tracker.new_post(author, expected, time.monotonic())
-        urls = self.service.urls
-        url = urls[number % len(urls)] + "/post/create"
-        body = json.dumps({"text": self.tracker.text(record.index, self.plan.text_size)})
+        record: PostRecord = self.tracker.new_post(author, expected, time.monotonic(), kind, target)
+        base = self.service.urls[number % len(self.service.urls)]
+        text = self.tracker.text(record.index, self.plan.text_size)
+        url, method, body = {
+            "post": (base + "/post/create", "POST", {"text": text}),
+            "edit": (base + "/post/update", "PUT", {"id": target, "text": text}),
+            "delete": (base + f"/post/delete/{target}", "PUT", {}),
+        }[kind]
         headers = {"Authorization": f"Bearer {self.service.token(author)}"}
         status, error = 599, None
         try:
             response = await http.fetch(
-                url, method="POST", body=body, headers=headers, request_timeout=10
+                url, method=method, body=json.dumps(body), headers=headers, request_timeout=10
             )
             status = response.code
-            record.post_id = _post_id(response.body)
+            if kind == "post":
+                record.post_id = _post_id(response.body)
+            if kind != "delete" and record.post_id is not None:
+                self.changeable.append((author, record.post_id))  # changeable (again)
         except HTTPClientError as exc:
             status = exc.code
             error = f"HTTP {exc.code}" if exc.code != 599 else f"HTTP 599 {exc.message}"
@@ -157,7 +190,7 @@ class PostingPhase:
     def progress(self, _elapsed: float) -> str:
         t = self.tracker
         now = time.monotonic()
-        ok = sum(1 for r in t.posts if r.status == 201)
+        ok = sum(1 for r in t.posts if r.accepted)
         recent = sum(1 for x in t.receive_times[-200_000:] if x > now - 1.0)
         p99 = t.histogram.quantile(0.99)
         errors = sum(t.http_errors.values()) + sum(t.socket_closes.values())
@@ -176,20 +209,40 @@ class PostingPhase:
         return (max(starts) - min(starts) + 1 / self.plan.rate) if starts else None
 
     def posts_section(self) -> dict[str, Any]:
+        """Every action counts as a post here (sent, accepted, rate, request time); `by_kind`
+        splits them, with each kind's send-to-receive latency."""
         posts = self.tracker.posts
-        return {
+        section = {
             "planned": len(self.plan.authors),
             "sent": len(posts),
-            "accepted": sum(1 for r in posts if r.status == 201),
+            "accepted": sum(1 for r in posts if r.accepted),
             "achieved_rate": ratio(len(posts), self.send_span(), 2),
             "request_ms": summarize([r.answered - r.started for r in posts if r.answered]),
         }
+        if self.plan.change_share:
+            section["by_kind"] = {
+                kind: {
+                    "sent": sum(1 for r in posts if r.kind == kind),
+                    "accepted": sum(1 for r in posts if r.kind == kind and r.accepted),
+                    "latency_ms": summarize(
+                        [
+                            at - r.started
+                            for r in posts
+                            if r.kind == kind
+                            for session, at in r.received.items()
+                            if session in r.expected
+                        ]
+                    ),
+                }
+                for kind in ("post", "edit", "delete")
+            }
+        return section
 
     def deliveries_section(self) -> dict[str, Any]:
         """Expected = open sessions following the author when the post was sent, over the posts
         the service accepted; achieved/s = those deliveries over first send to last receipt."""
         t = self.tracker
-        accepted = [r for r in t.posts if r.status == 201]
+        accepted = [r for r in t.posts if r.accepted]
         expected = sum(len(r.expected) for r in accepted)
         delivered = sum(sum(1 for s in r.received if s in r.expected) for r in accepted)
         receive_span = (

@@ -134,6 +134,19 @@ def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _phase_rows(phase: dict[str, Any]) -> list[tuple[str, str]]:
     posts, d = phase["posts"], phase["deliveries"]
+    return _common_phase_rows(phase, posts, d) + [
+        (f"{kind}s sent / accepted, ->receive p50/p95/p99/max", _by_kind(counts))
+        for kind, counts in posts.get("by_kind", {}).items()
+    ]
+
+
+def _by_kind(counts: dict[str, Any]) -> str:
+    return f"{counts['sent']:,} / {counts['accepted']:,}, {_percentiles(counts['latency_ms'])}"
+
+
+def _common_phase_rows(
+    phase: dict[str, Any], posts: dict[str, Any], d: dict[str, Any]
+) -> list[tuple[str, str]]:
     return [
         ("posting", f"{phase['rate']:g} posts/s for {phase['duration']:g} s"),
         (

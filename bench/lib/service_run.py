@@ -181,6 +181,7 @@ class ServiceRun:
             authors=phase_authors(self.population, rate, args.duration, args),
             text_size=args.text_size,
             drain=args.drain,
+            change_share=args.change_share,
         )
         service = Service(self.target.urls, self.target.pids, self.target.pids_known, self.token)
         return await PostingPhase(service, self.clients, self.fan_out, plan, quiet=args.quiet).run()

@@ -274,10 +274,10 @@ class Broker:
 
     # --- publishing with confirms ----------------------------------------------------------------
 
-    def publish_post(self, author_id: int, post_id: int, frame: bytes, created_ms: int):
-        """Publish a post's frame to its author's routing key; the future resolves once the
-        broker has confirmed it."""
-        properties = messages.post_properties(post_id, created_ms)
+    def publish_post(self, author_id: int, version: int, frame: bytes, created_ms: int):
+        """Publish the frame of a post's change to its author's routing key; the future resolves
+        once the broker has confirmed it."""
+        properties = messages.post_properties(version, created_ms)
         return self._publish(wire.author_key(author_id), frame, properties)
 
     def publish_follow_change(self, user_id: int, author_id: int) -> asyncio.Future:

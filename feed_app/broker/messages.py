@@ -1,5 +1,5 @@
-"""The AMQP envelope of the wire formats in feed_app/wire.py: the properties a post or a follow
-change is published with, and the decoding of what a queue delivers."""
+"""The AMQP envelope of the wire formats in feed_app/wire.py: the properties a post's change or a
+follow change is published with, and the decoding of what a queue delivers."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ class FollowChange:
     author_id: int
 
 
-def post_properties(post_id: int, created_ms: int) -> pika.BasicProperties:
-    """The post id and creation time travel as properties, so that a receiver can de-duplicate
+def post_properties(version: int, created_ms: int) -> pika.BasicProperties:
+    """The change's version and time travel as properties, so that a receiver can de-duplicate
     and measure latency without decoding the body (which is the websocket frame itself)."""
     return pika.BasicProperties(
-        message_id=str(post_id),
+        message_id=str(version),
         content_type="application/json",
         delivery_mode=1,  # transient: the queues it lands in are transient anyway
         headers={"created_ms": created_ms},
@@ -43,8 +43,8 @@ def decode(method: Any, properties: Any, body: bytes) -> Delivery | FollowChange
         if properties.type == wire.FOLLOW_CHANGE:
             user_id = wire.user_of_control_key(method.routing_key)
             return FollowChange(user_id, int(body))
-        if wire.frame_type(body) != "post":
-            raise ValueError("the body is not a post frame")  # it would go to browsers as is
+        if wire.frame_type(body) not in wire.CHANGE_FRAME_TYPES:
+            raise ValueError("the body is not a post's change")  # it would go to browsers as is
         created_ms = (properties.headers or {}).get("created_ms")
         if not isinstance(created_ms, int) or isinstance(created_ms, bool):
             created_ms = None  # only for the latency histogram: a post without it is still a post
