@@ -61,11 +61,6 @@ def issue_token(user_id: int, secret: str, ttl: int, login_id: int = 0) -> str:
     return jwt.encode(claims, secret, "HS256")
 
 
-def user_id_from_token(token: str, secret: str) -> int:
-    """The user id a valid, unexpired token was issued to; InvalidToken otherwise."""
-    return claims_from_token(token, secret).user_id
-
-
 def claims_from_token(token: str, secret: str) -> AccessClaims:
     """The claims of a valid, unexpired token; InvalidToken otherwise. Whether its log-in has
     ended is the caller's question (feed_app/revocations.py)."""
@@ -90,7 +85,7 @@ def _verified_claims(token: str, secret: str) -> AccessClaims:
     checked on every use. Invalid tokens raise, so they are never cached."""
     try:
         claims = jwt.decode(
-            token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
+            token, secret, algorithms=["HS256"], options={"require": ["exp", "sub", "sid"]}
         )
     except jwt.ExpiredSignatureError as exc:
         raise InvalidToken("token expired") from exc
@@ -101,7 +96,7 @@ def _verified_claims(token: str, secret: str) -> AccessClaims:
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         raise InvalidToken("invalid token")
     user_id = _positive_id(claims["sub"])
-    login_id = _positive_id(claims.get("sid", "0"), allow_zero=True)
+    login_id = _positive_id(claims["sid"], allow_zero=True)
     return AccessClaims(user_id, login_id, int(exp))
 
 

@@ -5,7 +5,7 @@ revocations at once, and reaches the others through the database (feed_app/revoc
 from __future__ import annotations
 
 from feed_app import auth
-from feed_app.handlers import PASSWORD_LENGTH, BaseHandler
+from feed_app.handlers import PASSWORD_LENGTH, BaseHandler, Service
 from feed_app.httpkit import ApiError
 from feed_app.wire import MAX_ID, REFRESH_COOKIE, REFRESH_PATH
 
@@ -19,7 +19,7 @@ REFRESH_REFUSALS = {
 }
 
 
-class SessionHandler(BaseHandler):
+class LoginBase(BaseHandler):
     """What the handlers of log-ins share: the answer that grants an access token, and the
     refresh cookie."""
 
@@ -50,7 +50,7 @@ class SessionHandler(BaseHandler):
         self.finish({"logins_ended": len(login_ids)})
 
 
-class LoginHandler(SessionHandler):
+class LoginHandler(LoginBase):
     async def post(self) -> None:
         body = self.json_body({"id": int, "password": str})
         user_id = body["id"]
@@ -67,7 +67,7 @@ class LoginHandler(SessionHandler):
         self.grant(user_id, login_id, refresh_token)
 
 
-class RefreshHandler(SessionHandler):
+class RefreshHandler(LoginBase):
     """The refresh cookie for a new access token and the next refresh token."""
 
     async def post(self) -> None:
@@ -94,10 +94,10 @@ class RefreshHandler(SessionHandler):
             raise ApiError(401, REFRESH_REFUSALS[outcome])
 
 
-class LogoutHandler(SessionHandler):
+class LogoutHandler(LoginBase):
     """End the caller's log-in (everywhere=False) or every log-in of the caller."""
 
-    def initialize(self, service, everywhere: bool) -> None:
+    def initialize(self, service: Service, everywhere: bool) -> None:
         super().initialize(service)
         self.everywhere = everywhere
 
@@ -109,7 +109,7 @@ class LogoutHandler(SessionHandler):
         self.ended(login_ids)
 
 
-class PasswordHandler(SessionHandler):
+class PasswordHandler(LoginBase):
     """A new password, given the current one; every other log-in of the caller ends."""
 
     async def put(self) -> None:
