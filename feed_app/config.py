@@ -221,6 +221,10 @@ def parse_settings(
     ):
         if getattr(settings, field) < 1:
             parser.error(f"--{field.replace('_', '-')} must be at least 1")
+    if settings.refresh_token_ttl <= settings.access_token_ttl:
+        # A log-in whose refresh tokens have expired is deleted (db.create_login): none of its
+        # access tokens may be alive by then.
+        parser.error("--refresh-token-ttl must be longer than --access-token-ttl")
     for field in ("refusal_delay", "refresh_grace"):
         if getattr(settings, field) < 0:
             parser.error(f"--{field.replace('_', '-')} must not be negative")

@@ -367,9 +367,21 @@ class Database:
     # log-ins and their refresh tokens (sql/007_logins.sql)
 
     async def create_login(self, user_id: int, refresh_hash: bytes, refresh_ttl: float) -> int:
-        """A new log-in of the user with its first refresh token; returns the log-in's id."""
+        """A new log-in of the user with its first refresh token; returns the log-in's id.
+
+        The user's dead log-ins go on the way, so the table holds each user's live devices and
+        little more: those ended a refresh-token lifetime ago, and those whose every refresh
+        token has expired (abandoned devices). Either can have no access token left alive, as
+        long as refresh tokens outlive access tokens, so no process needs to remember them."""
         sql = """
-            WITH login AS (
+            WITH dead AS (
+                DELETE FROM logins l
+                WHERE l.user_id = %(user)s AND (
+                    l.revoked_at < now() - %(ttl)s * interval '1 second'
+                    OR NOT EXISTS (
+                        SELECT 1 FROM refresh_tokens t
+                        WHERE t.login_id = l.id AND t.expires_at > now()))
+            ), login AS (
                 INSERT INTO logins (user_id) VALUES (%(user)s) RETURNING id
             ), token AS (
                 INSERT INTO refresh_tokens (hash, login_id, expires_at)

@@ -310,3 +310,23 @@ async def test_refreshes_are_limited_per_address_and_a_refusal_changes_nothing(p
         cur.execute("SELECT count(*), count(rotated_at) FROM refresh_tokens")
         assert cur.fetchone() == before
     conn.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_login_deletes_the_users_dead_log_ins_and_keeps_the_rest(api, db_dsn):
+    user = await api.new_user()
+    abandoned, ended, live = [await log_in(api, user.id) for _ in range(3)]
+    assert (await api.call("POST", "/logout", token=ended.token))[0] == 200
+    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE refresh_tokens SET expires_at = now() - interval '1 second' WHERE hash = %s",
+            (auth.refresh_token_hash(abandoned.refresh),),
+        )
+    conn.close()
+    await log_in(api, user.id)
+    with psycopg2.connect(db_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(revoked_at) FROM logins WHERE user_id = %s", (user.id,))
+        # new_user's, the ended one (ended just now), the live one and the new one
+        assert cur.fetchone() == (4, 1)
+    conn.close()
+    assert (await live.refresh_token())[0] == 200
