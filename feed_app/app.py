@@ -12,7 +12,7 @@ import time
 import tornado.httpserver
 import tornado.web
 
-from feed_app import edge, handlers, wire
+from feed_app import edge, handlers, login_handlers, wire
 from feed_app.broker import Broker, HeartbeatLink, make_fanout
 from feed_app.config import Settings, trusted_networks
 from feed_app.db import Database
@@ -21,13 +21,14 @@ from feed_app.limits import Limits
 from feed_app.metrics import Exporter, Metrics
 from feed_app.path_check import PathCheck, PathState
 from feed_app.relay import OutboxRelay
+from feed_app.revocations import Revocations
 from feed_app.sessions import FeedSession, FeedSocket
 from feed_app.wire import Close
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent.parent / "static"
-MAX_WS_MESSAGE = 4096  # the client sends nothing; Tornado's default would be 10 MiB
+MAX_WS_MESSAGE = 4096  # the client sends only its next token; Tornado's default would be 10 MiB
 
 
 class Service:
@@ -53,6 +54,7 @@ class Service:
         self.path_check.heartbeats = HeartbeatLink(broker, self.path_check.process, self.path_check)
         self.sessions: set[FeedSession] = set()
         self.limits = Limits(settings, metrics)
+        self.revocations = Revocations(db, settings.access_token_ttl)
         self.exporter = Exporter(
             metrics,
             self._gauges,
@@ -82,6 +84,7 @@ class Service:
         broker.start()
         service.relay.start()
         service.path_check.start()
+        service.revocations.start()
         service.exporter.start()
         return service
 
@@ -142,6 +145,7 @@ class Service:
             log.warning("outbox not flushed: %s", exc)
         await self.relay.stop(max(0.1, deadline - time.monotonic()))
         await self.path_check.stop()
+        await self.revocations.stop()
         try:
             await asyncio.wait_for(self.broker.stop(), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -164,7 +168,11 @@ def make_app(service: Service) -> tornado.web.Application:
                 {"path": STATIC_DIR, "default_filename": "index.html"},
             ),
             (r"/user/register", handlers.RegisterHandler, s),
-            (r"/login", handlers.LoginHandler, s),
+            (r"/login", login_handlers.LoginHandler, s),
+            (wire.REFRESH_PATH, login_handlers.RefreshHandler, s),
+            (r"/logout", login_handlers.LogoutHandler, {**s, "everywhere": False}),
+            (r"/logout/all", login_handlers.LogoutHandler, {**s, "everywhere": True}),
+            (r"/user/password", login_handlers.PasswordHandler, s),
             (r"/user/get/([^/]+)", handlers.UserHandler, s),
             (r"/user/search", handlers.UserSearchHandler, s),
             (r"/friend/set/([^/]+)", handlers.FollowHandler, {**s, "follow": True}),

@@ -1,13 +1,16 @@
-"""Passwords (salted scrypt) and login tokens (JWT, HS256, user id in `sub`)."""
+"""Passwords (salted scrypt), access tokens (JWT, HS256: the user id in `sub`, the log-in it
+belongs to in `sid`) and refresh tokens (random; only their hash is stored)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import hmac
 import math
 import os
+import secrets
 import time
 
 import jwt
@@ -43,38 +46,70 @@ class InvalidToken(Exception):
     pass
 
 
-def issue_token(user_id: int, secret: str, ttl: int) -> str:
+@dataclasses.dataclass(frozen=True)
+class AccessClaims:
+    user_id: int
+    login_id: int  # the log-in (one per device) that ends with a log-out; 0 for none
+    expires: int  # seconds since the epoch
+
+
+def issue_token(user_id: int, secret: str, ttl: int, login_id: int = 0) -> str:
+    """An access token. login_id 0 belongs to no log-in (tokens minted with the secret by the
+    benchmarks and tests): nothing can end it before it expires."""
     now = int(time.time())
-    return jwt.encode({"sub": str(user_id), "iat": now, "exp": now + ttl}, secret, "HS256")
+    claims = {"sub": str(user_id), "sid": str(login_id), "iat": now, "exp": now + ttl}
+    return jwt.encode(claims, secret, "HS256")
 
 
-def user_id_from_token(token: str, secret: str) -> int:
-    """The user id a valid, unexpired token was issued to; InvalidToken otherwise."""
-    user_id, expires = _verified_claims(token, secret)
-    if expires <= time.time():
+def claims_from_token(token: str, secret: str) -> AccessClaims:
+    """The claims of a valid, unexpired token; InvalidToken otherwise. Whether its log-in has
+    ended is the caller's question (feed_app/revocations.py)."""
+    claims = _verified_claims(token, secret)
+    if claims.expires <= time.time():
         raise InvalidToken("token expired")
-    return user_id
+    return claims
+
+
+def _positive_id(value: object, allow_zero: bool = False) -> int:
+    if not (isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19):
+        raise InvalidToken("invalid token")
+    if not (0 if allow_zero else 1) <= int(value) <= MAX_ID:
+        raise InvalidToken("invalid token")
+    return int(value)
 
 
 @functools.lru_cache(maxsize=10_000)
-def _verified_claims(token: str, secret: str) -> tuple[int, int]:
-    """(user id, expiry) of a token with a valid signature. Cached, because verifying is most of
-    what an authenticated request costs and the same token comes back with every request; expiry
-    is checked on every use. Invalid tokens raise, so they are never cached."""
+def _verified_claims(token: str, secret: str) -> AccessClaims:
+    """The claims of a token with a valid signature. Cached, because verifying is most of what
+    an authenticated request costs and the same token comes back with every request; expiry is
+    checked on every use. Invalid tokens raise, so they are never cached."""
     try:
         claims = jwt.decode(
-            token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]}
+            token, secret, algorithms=["HS256"], options={"require": ["exp", "sub", "sid"]}
         )
     except jwt.ExpiredSignatureError as exc:
         raise InvalidToken("token expired") from exc
     # PyJWT lets TypeError and OverflowError out of malformed (but signed) iat/nbf/exp claims.
     except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError) as exc:
         raise InvalidToken("invalid token") from exc
-    sub, exp = claims["sub"], claims["exp"]
-    if not (isinstance(sub, str) and sub.isascii() and sub.isdigit() and len(sub) <= 19):
-        raise InvalidToken("invalid token")
-    if not 0 < int(sub) <= MAX_ID:
-        raise InvalidToken("invalid token")
+    exp = claims["exp"]
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         raise InvalidToken("invalid token")
-    return int(sub), int(exp)
+    user_id = _positive_id(claims["sub"])
+    login_id = _positive_id(claims["sid"], allow_zero=True)
+    return AccessClaims(user_id, login_id, int(exp))
+
+
+# A refresh token is 32 random bytes, URL-safe: guessing one is hopeless, so a fast hash (not
+# scrypt) is enough to keep a copy of the table from being a list of working tokens.
+REFRESH_TOKEN_BYTES = 32
+
+
+def new_refresh_token() -> tuple[str, bytes]:
+    """(the token for the client's cookie, its hash for the database)."""
+    token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+    return token, refresh_token_hash(token)
+
+
+def refresh_token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()

@@ -59,7 +59,11 @@ class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     amqp_nodes_file: str = ""
     jwt_secret: str = DEV_JWT_SECRET
-    token_ttl: int = 24 * 3600
+    # Access tokens live minutes: a copied one is good for no longer. The page stays logged in
+    # through the refresh token (docs/api.md, "Tokens"), exchanged for the next at every use.
+    access_token_ttl: int = 15 * 60
+    refresh_token_ttl: int = 30 * 24 * 3600
+    refresh_grace: float = 10.0
     workers: int = 1
     db_pool_size: int = 10
     history_size: int = 20
@@ -79,6 +83,7 @@ class Settings:
     login_rate_user: Rate = Rate(10, 60)
     login_rate_address: Rate = Rate(30, 60)
     register_rate: Rate = Rate(20, 3600)
+    refresh_rate_address: Rate = Rate(60, 60)
     post_rate: Rate = Rate(30, 60)
     follow_rate: Rate = Rate(60, 60)
     # A socket binds once per followed author: the cap bounds its set-up (docs/limits.md).
@@ -121,7 +126,17 @@ _OPTIONS = [
         "file of RabbitMQ URLs, one a line, re-read at each connection attempt",
     ),
     ("jwt_secret", "FEED_JWT_SECRET", "HS256 key for login tokens (a dev default warns)"),
-    ("token_ttl", "FEED_TOKEN_TTL", "token lifetime, seconds"),
+    ("access_token_ttl", "FEED_ACCESS_TOKEN_TTL", "access token lifetime, seconds"),
+    (
+        "refresh_token_ttl",
+        "FEED_REFRESH_TOKEN_TTL",
+        "refresh token lifetime, seconds (each refresh starts it anew)",
+    ),
+    (
+        "refresh_grace",
+        "FEED_REFRESH_GRACE",
+        "seconds a rotated refresh token still refreshes (tabs refreshing at once)",
+    ),
     ("workers", "FEED_WORKERS", "processes sharing the port (0 = one per core)"),
     ("db_pool_size", "FEED_DB_POOL_SIZE", "database connections per process"),
     ("history_size", "FEED_HISTORY_SIZE", "posts a new feed socket gets without since="),
@@ -136,6 +151,7 @@ _OPTIONS = [
     ("login_rate_user", "FEED_LOGIN_RATE_USER", "login attempts per user id (N/minute, N/hour)"),
     ("login_rate_address", "FEED_LOGIN_RATE_ADDRESS", "login attempts per client address"),
     ("register_rate", "FEED_REGISTER_RATE", "registrations per client address"),
+    ("refresh_rate_address", "FEED_REFRESH_RATE_ADDRESS", "token refreshes per client address"),
     ("post_rate", "FEED_POST_RATE", "posts, edits and deletes per user"),
     ("follow_rate", "FEED_FOLLOW_RATE", "follows and unfollows per user"),
     ("follow_max", "FEED_FOLLOW_MAX", "authors one user may follow"),
@@ -204,6 +220,8 @@ def parse_settings(
     except ValueError as exc:
         parser.error(f"FEED_TRUSTED_PROXIES: {exc}")
     for field in (
+        "access_token_ttl",
+        "refresh_token_ttl",
         "hash_workers",
         "sockets_per_user",
         "sockets_max",
@@ -212,10 +230,13 @@ def parse_settings(
     ):
         if getattr(settings, field) < 1:
             parser.error(f"--{field.replace('_', '-')} must be at least 1")
-    if settings.hsts_max_age < 0:
-        parser.error("--hsts-max-age must not be negative")
-    if settings.refusal_delay < 0:
-        parser.error("--refusal-delay must not be negative")
+    if settings.refresh_token_ttl <= settings.access_token_ttl:
+        # A log-in whose refresh tokens have expired is deleted (db.create_login): none of its
+        # access tokens may be alive by then.
+        parser.error("--refresh-token-ttl must be longer than --access-token-ttl")
+    for field in ("refusal_delay", "refresh_grace", "hsts_max_age"):
+        if getattr(settings, field) < 0:
+            parser.error(f"--{field.replace('_', '-')} must not be negative")
     return settings
 
 

@@ -392,6 +392,75 @@ class Database:
         sql = "SELECT author_id FROM follows WHERE follower_id = %s"
         return [author_id for (author_id,) in await self._run(sql, (user_id,))]
 
+    # log-ins and their refresh tokens (sql/007_logins.sql)
+
+    async def create_login(self, user_id: int, refresh_hash: bytes, refresh_ttl: float) -> int:
+        """A new log-in of the user with its first refresh token; returns the log-in's id.
+
+        The user's dead log-ins go on the way, so the table holds each user's live devices and
+        little more: those ended a refresh-token lifetime ago, and those whose every refresh
+        token has expired (abandoned devices). Either can have no access token left alive, as
+        long as refresh tokens outlive access tokens, so no process needs to remember them."""
+        sql = """
+            WITH dead AS (
+                DELETE FROM logins l
+                WHERE l.user_id = %(user)s AND (
+                    l.revoked_at < now() - %(ttl)s * interval '1 second'
+                    OR NOT EXISTS (
+                        SELECT 1 FROM refresh_tokens t
+                        WHERE t.login_id = l.id AND t.expires_at > now()))
+            ), login AS (
+                INSERT INTO logins (user_id) VALUES (%(user)s) RETURNING id
+            ), token AS (
+                INSERT INTO refresh_tokens (hash, login_id, expires_at)
+                SELECT %(hash)s, id, now() + %(ttl)s * interval '1 second' FROM login
+            )
+            SELECT id FROM login"""
+        params = {"user": user_id, "hash": refresh_hash, "ttl": refresh_ttl}
+        try:
+            [(login_id,)] = await self._run(sql, params, retry=False)
+        except psycopg2.errors.ForeignKeyViolation as exc:
+            raise UnknownUser(f"user {user_id} does not exist") from exc
+        return login_id
+
+    async def rotate_refresh_token(
+        self, old_hash: bytes, new_hash: bytes, ttl: float, grace: float
+    ) -> tuple[str, int | None, int | None]:
+        """(outcome, user id, log-in id): the outcomes are rotate_refresh_token()'s, in the
+        schema."""
+        sql = "SELECT * FROM rotate_refresh_token(%s, %s, %s, %s)"
+        [row] = await self._run(sql, (old_hash, new_hash, ttl, grace), retry=False)
+        return row
+
+    async def end_logins(self, user_id: int, only: int | None = None, keep: int = 0) -> list[int]:
+        """End the user's live log-ins (only the one given, or all but `keep`); returns the ids
+        of those it ended."""
+        sql = """
+            UPDATE logins SET revoked_at = now()
+            WHERE user_id = %(user)s AND revoked_at IS NULL
+              AND (%(only)s::bigint IS NULL OR id = %(only)s) AND id <> %(keep)s
+            RETURNING id"""
+        params = {"user": user_id, "only": only, "keep": keep}
+        return [login_id for (login_id,) in await self._run(sql, params, retry=False)]
+
+    async def change_password(self, user_id: int, password_hash: str, keep: int) -> list[int]:
+        """Store the new hash and end every other live log-in of the user, in one statement;
+        returns the ids of the log-ins it ended."""
+        sql = """
+            WITH changed AS (
+                UPDATE users SET password_hash = %(hash)s WHERE id = %(user)s
+            )
+            UPDATE logins SET revoked_at = now()
+            WHERE user_id = %(user)s AND revoked_at IS NULL AND id <> %(keep)s
+            RETURNING id"""
+        params = {"user": user_id, "hash": password_hash, "keep": keep}
+        return [login_id for (login_id,) in await self._run(sql, params, retry=False)]
+
+    async def ended_logins(self, within: float) -> set[int]:
+        """The log-ins ended within the last `within` seconds (PostgreSQL's clock)."""
+        sql = "SELECT id FROM logins WHERE revoked_at > now() - %s * interval '1 second'"
+        return {login_id for (login_id,) in await self._run(sql, (within,))}
+
     # posts
 
     async def insert_post(self, author_id: int, text: str, lease: float) -> Post:

@@ -1,6 +1,10 @@
 """The feed websocket handler: GET /post/feed/<user_id>[?since=<post id>], with the token in the
 subprotocols (`Sec-WebSocket-Protocol: feed, bearer.<token>`) or in the query (`?token=`).
 
+The socket lives as long as its access token: it is closed with 4001 when the token expires,
+unless the client sent the next one in-band before (wire.token_message, the one message a client
+may send), and with 4003 as soon as this process learns that the token's log-in has ended.
+
 Everything is checked before the upgrade, Tornado's own handshake checks and the limits on open
 sockets included, so a refused client gets an HTTP status and a JSON error rather than a socket
 that opens and closes at once, or an HTML page, and never gets a queue.
@@ -9,20 +13,22 @@ that opens and closes at once, or an HTML page, and never gets a queue.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Protocol
 
 import tornado.iostream
 import tornado.websocket
 
 from feed_app import auth
-from feed_app.httpkit import ApiError, JsonErrors, int_argument, parse_id
+from feed_app.httpkit import LOGIN_ENDED, ApiError, JsonErrors, int_argument, parse_id
 from feed_app.sessions import FeedSession, FeedSocket
-from feed_app.wire import MAX_ID, Close
+from feed_app.wire import MAX_ID, Close, token_of_message
 
 if TYPE_CHECKING:
     from feed_app.config import Settings
     from feed_app.db import Database
     from feed_app.limits import Limits
+    from feed_app.revocations import Revocations
 
 WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
 # A browser can send subprotocols but no Authorization header: `new WebSocket(url, ["feed",
@@ -38,6 +44,7 @@ class Service(Protocol):
     settings: Settings
     db: Database
     limits: Limits
+    revocations: Revocations
 
     def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession | None: ...
 
@@ -63,6 +70,8 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         self.session: FeedSession | None = None
         self.since: int | None = None
         self.client_gone = False  # on_close ran: before the upgrade, it can run during get()
+        self.claims: auth.AccessClaims | None = None  # of the token the socket lives by
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def get(self, user_id: str) -> None:
         self._check_handshake()
@@ -96,16 +105,19 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         user_id = parse_id(user_id_text, "user id")
         token = self._token()
         try:
-            token_user = auth.user_id_from_token(token, self.service.settings.jwt_secret)
+            claims = auth.claims_from_token(token, self.service.settings.jwt_secret)
         except auth.InvalidToken as exc:
             raise ApiError(401, str(exc)) from exc
-        if token_user != user_id:
+        if self.service.revocations.is_ended(claims.login_id):
+            raise ApiError(401, LOGIN_ENDED)
+        if claims.user_id != user_id:
             raise ApiError(403, "token belongs to another user")
         if await self.service.db.get_user(user_id) is None:
             raise ApiError(404, f"user {user_id} not found")
         if self.get_query_argument("since", None) is not None:
             self.since = int_argument(self, "since", 0, MAX_ID)
         self.user_id = user_id
+        self.claims = claims
 
     def _offered_protocols(self) -> list[str]:
         header = self.request.headers.get("Sec-WebSocket-Protocol", "")
@@ -135,6 +147,7 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
             return
         self.session = self.service.open_session(self.user_id, self)
         if self.session:
+            self._live_by(self.claims)
             self.session.start(self.since)
 
     def write_text_frame(self, data: bytes) -> asyncio.Future:
@@ -152,10 +165,54 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
             raise tornado.websocket.WebSocketClosedError() from exc
 
     def on_message(self, message: str | bytes) -> None:
-        self.close(Close.CLIENT_DATA, Close.CLIENT_DATA.reason)
+        token = token_of_message(message)
+        if token is None:
+            self._end(Close.CLIENT_DATA)
+            return
+        try:
+            claims = auth.claims_from_token(token, self.service.settings.jwt_secret)
+        except auth.InvalidToken:
+            self._end(Close.TOKEN_EXPIRED)
+            return
+        if claims.user_id != self.user_id:
+            self._end(Close.TOKEN_EXPIRED)
+        elif self.service.revocations.is_ended(claims.login_id):
+            self._end(Close.LOGGED_OUT)
+        else:
+            self._live_by(claims)
+
+    def _live_by(self, claims: auth.AccessClaims) -> None:
+        """Live until this token expires or its log-in ends, instead of by the last one's."""
+        self._forget_token()
+        self.claims = claims
+        self.service.revocations.watch(claims.login_id, self._logged_out)
+        delay = claims.expires - time.time()
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _forget_token(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.claims is not None:
+            self.service.revocations.unwatch(self.claims.login_id, self._logged_out)
+
+    def _token_expired(self) -> None:
+        self._end(Close.TOKEN_EXPIRED)
+
+    def _logged_out(self) -> None:
+        self._end(Close.LOGGED_OUT)
+
+    def _end(self, code: Close) -> None:
+        """Close with this code; the session stops writing at once."""
+        self._forget_token()
+        if self.session is not None:
+            self.session.close(code)
+        else:
+            self.close(code, code.reason)
 
     def on_close(self) -> None:
         self.client_gone = True
+        self._forget_token()
         session, self.session = self.session, None
         if session:
             session.close()

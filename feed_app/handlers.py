@@ -15,6 +15,7 @@ from feed_app import auth
 from feed_app.db import DatabaseUnavailable, NotYourPost, PostNotFound
 from feed_app.httpkit import (
     BODY_TOO_LARGE,
+    LOGIN_ENDED,
     MAX_BODY,
     ApiError,
     JsonErrors,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from feed_app.metrics import Exporter
     from feed_app.path_check import PathCheck
     from feed_app.relay import OutboxRelay
+    from feed_app.revocations import Revocations
 
 MAX_POST_LENGTH = 1000
 MAX_NAME_LENGTH = 64
@@ -59,6 +61,7 @@ class Service(Protocol):
     broker: Broker
     path_check: PathCheck
     exporter: Exporter
+    revocations: Revocations
 
 
 def _storable(text: str) -> bool:
@@ -121,14 +124,22 @@ class BaseHandler(JsonErrors):
         return body
 
     def caller_id(self) -> int:
+        return self.caller().user_id
+
+    def caller(self) -> auth.AccessClaims:
+        """The claims of the request's access token: valid, unexpired, of a log-in that has not
+        ended (known without a database read: feed_app/revocations.py); 401 otherwise."""
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing 'Authorization: Bearer <token>' header")
         try:
-            return auth.user_id_from_token(token.strip(), self.service.settings.jwt_secret)
+            claims = auth.claims_from_token(token.strip(), self.service.settings.jwt_secret)
         except auth.InvalidToken as exc:
             raise ApiError(401, str(exc)) from exc
+        if self.service.revocations.is_ended(claims.login_id):
+            raise ApiError(401, LOGIN_ENDED)
+        return claims
 
     async def require_user(self, user_id: int) -> None:
         if await self.db.get_user(user_id) is None:
@@ -151,21 +162,6 @@ class RegisterHandler(BaseHandler):
         user_id = await self.db.create_user(name, password_hash)
         self.set_status(201)
         self.finish({"user_id": user_id})
-
-
-class LoginHandler(BaseHandler):
-    async def post(self) -> None:
-        body = self.json_body({"id": int, "password": str})
-        user_id = body["id"]
-        if not 0 < user_id <= MAX_ID:
-            raise ApiError(400, "id must be a positive integer below 2^63")
-        limits = self.service.limits
-        await limits.login_attempt(user_id, self.request.remote_ip)
-        stored = await self.db.get_password_hash(user_id)
-        if not await limits.hashing.run(auth.verify_password_sync, body["password"], stored):
-            raise ApiError(401, "wrong user id or password")
-        settings = self.service.settings
-        self.finish({"token": auth.issue_token(user_id, settings.jwt_secret, settings.token_ttl)})
 
 
 class UserHandler(BaseHandler):

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # request bodies here are a few hundred bytes of JSON
 BODY_TOO_LARGE = f"request body over {MAX_BODY} bytes"
+LOGIN_ENDED = "logged out: this log-in has ended"  # a valid token of an ended log-in
 
 
 def error_body(message: str) -> bytes:

@@ -1,5 +1,6 @@
-"""Limits on every costly action, per process: token buckets for rates (logins, registrations,
-posts, follow changes), a bounded pool for password hashing, and counts of open feed sockets.
+"""Limits on every costly action, per process: token buckets for rates (logins, token refreshes,
+registrations, posts, follow changes), a bounded pool for password hashing, and counts of open
+feed sockets.
 
 The buckets are our own rather than the `limits` package: its in-memory storage starts a timer
 thread that rescans every key 10 ms after each hit and takes a lock per key, while this process
@@ -195,6 +196,7 @@ class Limits:
         self.login_by_user = TokenBuckets(settings.login_rate_user)
         self.login_by_address = TokenBuckets(settings.login_rate_address)
         self.registrations = TokenBuckets(settings.register_rate)
+        self.refreshes = TokenBuckets(settings.refresh_rate_address)
         self.posts = TokenBuckets(settings.post_rate)
         self.follow_changes = TokenBuckets(settings.follow_rate)
         self.follow_max = settings.follow_max
@@ -208,6 +210,13 @@ class Limits:
         await self._take(
             (self.login_by_address, address_key(address), "login attempts from this address"),
             (self.login_by_user, user_id, "login attempts for this user id"),
+        )
+
+    async def refresh(self, address: str | None) -> None:
+        """Counted before the refresh token is looked up, as a login attempt is before its hash:
+        a guesser past the limit costs no database read."""
+        await self._take(
+            (self.refreshes, address_key(address), "token refreshes from this address")
         )
 
     async def registration(self, address: str | None) -> None:

@@ -23,9 +23,11 @@ class Close(enum.IntEnum):
     """Websocket close codes the server sends, each with the reason sent beside it."""
 
     GOING_AWAY = 1001  # the server shuts down; reconnect (to another instance)
-    CLIENT_DATA = 1003  # the client sent a message; the feed is server-to-client
+    CLIENT_DATA = 1003  # the client sent a message other than a token; the feed is one-way
     INVALID_TEXT = 1007  # the client sent a text frame that is not UTF-8
     SERVER_ERROR = 1011  # the database failed mid-session; reconnect with since=
+    TOKEN_EXPIRED = 4001  # the access token expired (or the one sent in-band was no good)
+    LOGGED_OUT = 4003  # the log-in the token belongs to ended: log-out, password change, reuse
     TOO_SLOW = 4008  # the client fell too far behind; reconnect with since=
 
     @property
@@ -35,11 +37,41 @@ class Close(enum.IntEnum):
 
 _REASONS = {
     Close.GOING_AWAY: "server shutting down; reconnect with since=<last checkpoint>",
-    Close.CLIENT_DATA: "the feed is server-to-client; do not send messages",
+    Close.CLIENT_DATA: "the feed is server-to-client; send nothing but a token message",
     Close.INVALID_TEXT: "text frames must be UTF-8",
     Close.SERVER_ERROR: "database unavailable; reconnect with since=<last checkpoint>",
+    Close.TOKEN_EXPIRED: "token expired: reconnect with a fresh one and since=<last checkpoint>",
+    Close.LOGGED_OUT: "logged out: this log-in has ended",
     Close.TOO_SLOW: "too slow: reconnect with since=<last checkpoint>",
 }
+
+
+# --- what a client may send on the feed socket: its next access token, before the last expires --
+
+TOKEN_MESSAGE = "token"
+
+
+def token_message(token: str) -> str:
+    """{"type": "token", "token": "<access token>"}: the socket lives on until the new expiry."""
+    return json.dumps({"type": TOKEN_MESSAGE, "token": token})
+
+
+def token_of_message(message: str | bytes) -> str | None:
+    """The token of a token message; None for any other message."""
+    try:
+        body = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict) or body.get("type") != TOKEN_MESSAGE:
+        return None
+    token = body.get("token")
+    return token if isinstance(token, str) and token else None
+
+
+# --- the refresh token's cookie: sent only to the refresh path ---------------------------------
+
+REFRESH_PATH = "/token/refresh"
+REFRESH_COOKIE = "feed_refresh"
 
 
 # --- frames: JSON text, compact, one per websocket message ------------------------------------

@@ -204,8 +204,12 @@ def signed(settings, **claims) -> str:
 async def test_signed_tokens_with_bad_claims_and_deep_json_get_4xx(api, settings, db_counts):
     user, other = await api.new_user(), await api.new_user()
     soon = int(time.time()) + 60
-    ghost = signed(settings, sub=str(10**15 + 7), exp=soon)  # signed, but no such user here
+    ghost = signed(settings, sub=str(10**15 + 7), sid="0", exp=soon)  # no such user here
     bad_tokens = [
+        signed(settings, sub=str(user.id), exp=soon),  # no log-in id: nothing could end it
+        signed(settings, sub=str(user.id), sid="-1", exp=soon),
+        signed(settings, sub=str(user.id), sid=str(2**63), exp=soon),
+        signed(settings, sub=str(user.id), sid=7, exp=soon),
         signed(settings, sub=str(2**63), exp=soon),
         signed(settings, sub="-5", exp=soon),
         signed(settings, sub=str(user.id), exp="soon"),

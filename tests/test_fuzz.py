@@ -45,7 +45,9 @@ WS_EXAMPLES = 400
 SECRET = "fuzzing-secret-" + os.urandom(8).hex()
 REQUESTS: Counter[str] = Counter()  # by kind and status class; conftest prints them
 KNOWN: dict[str, int] = {}  # ids that exist, filled in once the service runs
-TOKEN: dict[str, str] = {}  # the login token of KNOWN["me"]
+TOKEN: dict[str, str] = {}  # the login tokens of KNOWN["me"] and KNOWN["leaver"]
+# What ends log-ins runs as "leaver": ended as "me", every later request would get 401.
+AS_LEAVER = ("logout", "logoutEverywhere", "changePassword")
 
 schema = schemathesis.openapi.from_path(contract.DOCUMENT_PATH)
 # The socket handshake is fuzzed below, with a client that speaks websocket.
@@ -68,6 +70,8 @@ class LoggedIn:
         return TOKEN.get("me", "")  # nothing before the service runs (collection)
 
     def set(self, case, token: str, context) -> None:
+        if case.operation.definition.raw.get("operationId") in AS_LEAVER:
+            token = TOKEN.get("leaver", "")
         case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
 
 
@@ -121,14 +125,17 @@ def wait_ready(url: str, process: subprocess.Popen, log_path) -> None:
 
 
 def seed(url: str) -> None:
-    """Two users, one following the other, and a post: ids and tokens the fuzzer can use."""
-    for name in ("me", "other"):
+    """Two users, one following the other, and a post: ids and tokens the fuzzer can use; and a
+    third user whose log-ins the log-out operations end."""
+    for name in ("me", "other", "leaver"):
         body = {"name": name, "password": PASSWORD}
         user_id = requests.post(url + "/user/register", json=body, timeout=10).json()["user_id"]
         KNOWN[name] = user_id
     login = {"id": KNOWN["me"], "password": PASSWORD}
     token = requests.post(url + "/login", json=login, timeout=10).json()["token"]
     TOKEN["me"] = token
+    # A token of no log-in: each log-out ends what the leaver has, and the token still works.
+    TOKEN["leaver"] = auth.issue_token(KNOWN["leaver"], SECRET, 3600)
     headers = {"Authorization": f"Bearer {token}"}
     requests.put(f"{url}/friend/set/{KNOWN['other']}", headers=headers, timeout=10)
     post = requests.post(url + "/post/create", json={"text": "seed"}, headers=headers, timeout=10)
@@ -137,23 +144,26 @@ def seed(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def row_counts(db_dsn):
-    """Rows in users, follows and posts, the newest change of a post (a new post, an edit or a
-    delete each take a higher version), and outbox rows of changes newer than `after` (the relay
+    """Rows in users, follows, posts, log-ins (and the ended ones) and refresh tokens, the newest
+    change of a post (a new post, an edit or a delete each take a higher version), and outbox rows
+    of changes newer than `after` (the relay
     deletes outbox rows as the broker confirms them, and republishes rows other tests left, so
     their plain count moves by itself; a refused request must add none)."""
     connection = psycopg2.connect(db_dsn)
     connection.autocommit = True
     sql = """SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM follows),
                     (SELECT count(*) FROM posts), (SELECT coalesce(max(version), 0) FROM posts),
+                    (SELECT count(*) FROM logins), (SELECT count(revoked_at) FROM logins),
+                    (SELECT count(*) FROM refresh_tokens),
                     (SELECT count(*) FROM outbox WHERE version > %s)"""
 
     def counts(after: int | None = None) -> dict[str, int]:
         with connection.cursor() as cur:
             cur.execute(sql, (after or 0,))
-            users, follows, posts, newest, outbox = cur.fetchone()
-        return {"users": users, "follows": follows, "posts": posts, "newest change": newest} | (
-            {} if after is None else {"new outbox rows": outbox}
-        )
+            users, follows, posts, newest, logins, ended, refresh, outbox = cur.fetchone()
+        rows = {"users": users, "follows": follows, "posts": posts, "newest change": newest}
+        rows |= {"logins": logins, "ended logins": ended, "refresh tokens": refresh}
+        return rows | ({} if after is None else {"new outbox rows": outbox})
 
     yield counts
     connection.close()

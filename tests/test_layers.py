@@ -22,11 +22,14 @@ LAYERS = [
         "stores and connections",
         {"feed_app.horizon", "feed_app.metrics", "feed_app.db", "feed_app.auth", "feed_app.broker"},
     ),
-    ("feeds", {"feed_app.sessions", "feed_app.relay", "feed_app.path_check"}),
+    (
+        "feeds",
+        {"feed_app.sessions", "feed_app.relay", "feed_app.path_check", "feed_app.revocations"},
+    ),
     ("demo data", {"feed_app.demo"}),
     ("HTTP toolkit", {"feed_app.httpkit"}),
     ("HTTP edge and limits", {"feed_app.edge", "feed_app.limits"}),
-    ("HTTP handlers", {"feed_app.handlers", "feed_app.feed_socket"}),
+    ("HTTP handlers", {"feed_app.handlers", "feed_app.login_handlers", "feed_app.feed_socket"}),
     ("wiring", {"feed_app.app"}),
 ]
 HTTP_LAYERS = {"HTTP toolkit", "HTTP edge and limits", "HTTP handlers", "wiring"}

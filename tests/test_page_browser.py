@@ -395,7 +395,7 @@ async def register(page: Page, name: str) -> int:
     await page.type("reg-password", PASSWORD)
     await page.click("#register-form button[type=submit]")
     await page.wait_for(f"document.getElementById('my-name').textContent === {js(name)}")
-    return await page.evaluate("JSON.parse(localStorage.getItem('feedSession')).userId")
+    return await page.evaluate("session.userId")
 
 
 async def log_in_with_keyboard(page: Page, user: User) -> None:
@@ -481,9 +481,10 @@ async def test_register_log_out_and_log_in_with_the_keyboard(browser, api):
     assert await page.text("#my-name") == "Ann Lee"
     await wait_live(page)
 
-    # A second tab of the same browser is logged in too; logging out in one logs out both.
+    # A second tab of the same browser is logged in too (the refresh cookie); logging out in one
+    # ends the log-in, and the other tab's feed with it.
     tab = await browser.new_page(page.context)
-    assert await tab.text("#my-name") == "Ann Lee"
+    await tab.wait_for("document.getElementById('my-name').textContent === 'Ann Lee'")
     await wait_live(tab)
     await tab.click("#logout")
     await page.wait_for("!document.getElementById('logged-out').hidden")
@@ -580,8 +581,8 @@ async def test_find_by_name_follow_and_see_posts_live_with_names(browser, api, d
 
 @through_tls_front
 @pytest.mark.gen_test(timeout=60)
-async def test_reload_keeps_you_logged_in_and_an_expired_token_returns_to_login(
-    browser, api, settings, caplog
+async def test_reload_keeps_you_logged_in_with_nothing_in_storage_until_the_log_in_ends(
+    browser, api, caplog
 ):
     author, reader = await api.new_user("Dana Wu"), await api.new_user("Eli Park")
     await api.follow(reader, author)
@@ -591,13 +592,18 @@ async def test_reload_keeps_you_logged_in_and_an_expired_token_returns_to_login(
     await log_in_with_keyboard(page, reader)
     await wait_shown(page, post)
     # The token goes as a subprotocol: not in the socket's URL, nor in any log line.
+    token = await page.evaluate("session.token")
     assert await page.evaluate("socket.protocol") == "feed"
-    assert reader.token not in await page.evaluate("socket.url")
+    assert token not in await page.evaluate("socket.url")
     logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert f"/post/feed/{reader.id}" in logged and reader.token not in logged
+    assert f"/post/feed/{reader.id}" in logged and token not in logged
+    # Nothing a script could read holds a token: the refresh cookie is HttpOnly.
+    assert await page.evaluate("Object.keys(localStorage)") == ["feedLastUserId"]
+    assert await page.evaluate("sessionStorage.length + document.cookie.length") == 0
 
+    await page.evaluate("localStorage.clear()")
     await page.reload()
-    assert not await page.evaluate("document.getElementById('logged-in').hidden")
+    await page.wait_for("!document.getElementById('logged-in').hidden")
     assert await page.text("#my-name") == "Eli Park"
     await wait_live(page)
     await wait_shown(page, post)
@@ -612,15 +618,76 @@ async def test_reload_keeps_you_logged_in_and_an_expired_token_returns_to_login(
     await wait_live(page)
     await wait_shown(page, missed)
 
-    expired = auth.issue_token(reader.id, settings.jwt_secret, ttl=-10)
-    await page.evaluate(
-        "localStorage.setItem('feedSession', JSON.stringify(Object.assign("
-        f"JSON.parse(localStorage.getItem('feedSession')), {{token: {js(expired)}}})))"
-    )
+    # The log-in ends elsewhere (here: the API): the page returns to the login form, and a
+    # reload does not log in again.
+    code, _ = await api.call("POST", "/logout", token=await page.evaluate("session.token"))
+    assert code == 200
+    await page.wait_for("!document.getElementById('logged-out').hidden", timeout=5)
+    assert "logged out" in await page.text("#notice")
     await page.reload()
-    assert not await page.evaluate("document.getElementById('logged-out').hidden")
-    assert "expired" in await page.text("#notice")
-    assert await page.evaluate("localStorage.getItem('feedSession')") is None
+    await page.wait_for("!document.getElementById('logged-out').hidden")
+    assert await page.evaluate("document.getElementById('logged-in').hidden")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_log_out_everywhere_in_one_browser_ends_the_feed_in_another(browser, api):
+    reader = await api.new_user("Lea Moss")
+    laptop, phone = await browser.new_page(), await browser.new_page()
+    for page in (laptop, phone):
+        await log_in_with_keyboard(page, reader)
+        await wait_live(page)
+    await phone.click("#logout-all")
+    await phone.wait_for("!document.getElementById('logged-out').hidden")
+    await laptop.wait_for("!document.getElementById('logged-out').hidden", timeout=5)
+    assert "logged out" in await laptop.text("#notice")
+    for page in (laptop, phone):
+        await page.reload()
+        await page.wait_for("!document.getElementById('logged-out').hidden")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_expiring_token_is_renewed_in_band_and_an_expired_one_leaves_no_gap(
+    browser, api, service, settings
+):
+    """The page's socket is given a token that expires in 3 s. Renewed on time, it is sent
+    in-band and the socket stays open; when the tab misses the renewal (here: the timer is
+    stopped) the server closes the socket with 4001, and the page renews and resumes with
+    since=, showing what was posted meanwhile once."""
+    page, author, _, before = await live_page(browser, api, "Mo Reyes", "Noa Kim")
+    secret = settings.jwt_secret
+
+    async def reopen_with_a_short_token() -> None:
+        claims = auth.claims_from_token(await page.evaluate("session.token"), secret)
+        short = auth.issue_token(claims.user_id, secret, 3, claims.login_id)
+        expires = auth.claims_from_token(short, secret).expires
+        await page.evaluate(
+            f"session.token = {js(short)}; session.exp = {expires * 1000};"
+            "closeFeed(); openFeed(); scheduleRenewal();"
+        )
+        await wait_live(page)
+
+    await reopen_with_a_short_token()
+    [kept] = service.sessions
+    await asyncio.sleep(4)  # past the short token's expiry
+    renewed = await api.post(author, "after the in-band renewal")
+    await wait_shown(page, renewed)
+    assert service.sessions == {kept}  # the same socket, never closed
+
+    await reopen_with_a_short_token()
+    [dropped] = service.sessions
+    await page.evaluate("clearTimeout(renewTimer)")
+    posted = []
+    while dropped in service.sessions:
+        posted.append(await api.post(author, f"around the expiry {len(posted)}"))
+        await asyncio.sleep(0.2)
+    posted.append(await api.post(author, "after the expiry"))
+    for post in posted:
+        await wait_shown(page, post)
+    await wait_live(page)
+    shown = [p["id"] for p in await shown_posts(page)]
+    expected = [before, renewed, *posted]
+    assert shown == [p["id"] for p in reversed(expected)]
+    assert len(service.sessions) == 1 and dropped not in service.sessions
 
 
 @pytest.mark.gen_test(timeout=60)

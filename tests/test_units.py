@@ -139,12 +139,13 @@ def test_a_cached_token_still_expires():
 
     from feed_app import auth
 
-    token = auth.issue_token(7, "secret", ttl=60)
-    assert auth.user_id_from_token(token, "secret") == 7
+    token = auth.issue_token(7, "secret", ttl=60, login_id=3)
+    assert auth.claims_from_token(token, "secret").user_id == 7
+    assert auth.claims_from_token(token, "secret").login_id == 3
     with mock.patch("time.time", return_value=time.time() + 61), pytest.raises(auth.InvalidToken):
-        auth.user_id_from_token(token, "secret")
+        auth.claims_from_token(token, "secret")
     with pytest.raises(auth.InvalidToken):
-        auth.user_id_from_token(token, "another secret")
+        auth.claims_from_token(token, "another secret")
 
 
 def test_rates_parse_from_settings_and_refuse_nonsense(capsys):
@@ -322,3 +323,29 @@ def test_a_post_committed_between_two_resume_pages_is_not_dropped():
     ]
     assert reads[:2] == [1000, 1099]
     assert sorted(i for i in sent if i) == list(range(1001, 1601))  # each once, 1100 too
+
+
+def test_an_ended_log_in_reaches_its_watchers_once_and_is_forgotten_after_the_window():
+    """Revocations' bookkeeping alone (no polling): a watcher added after the end is still
+    called, each watcher once, and an id is dropped one token lifetime after it was last read."""
+    from unittest import mock
+
+    from feed_app.revocations import Revocations
+
+    async def scenario() -> None:
+        revocations = Revocations(db=None, token_ttl=60)  # type: ignore[arg-type]
+        calls: list[str] = []
+        revocations.watch(5, lambda: calls.append("before"))
+        revocations.watch(6, lambda: calls.append("other log-in"))
+        revocations.ended({5})
+        revocations.ended({5})
+        revocations.watch(5, lambda: calls.append("after"))
+        await asyncio.sleep(0)
+        assert calls == ["before", "after"] and revocations.is_ended(5)
+        assert not revocations.is_ended(6)
+        later = time.monotonic() + revocations.window + 1
+        with mock.patch("time.monotonic", return_value=later):
+            revocations._forget_old()
+        assert not revocations.is_ended(5)
+
+    asyncio.run(scenario())

@@ -21,7 +21,7 @@ import psycopg2.extensions
 from feed_app.auth import hash_password_sync
 
 BENCH_PASSWORD = "bench-password"  # nobody logs in: the load test mints tokens itself
-SEED_TABLES = "users, follows, posts, outbox"
+SEED_TABLES = "users, follows, posts, outbox, logins, refresh_tokens"
 COPY_BATCH = 200_000  # rows per COPY call: bounded memory, few round trips
 
 
