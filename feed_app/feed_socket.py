@@ -182,10 +182,10 @@ def send_or_buffer(stream: tornado.iostream.IOStream, data: bytes) -> asyncio.Fu
 
     write() allocates a Future with a callback for every call and resolves it through the event
     loop even when the kernel took everything at once: in process mode, where one post is one
-    `send` per follower's socket, that costs more than the `send`. With the buffer empty nothing
-    can be queued ahead, so a direct `send` keeps the order. What the kernel does not take, and
-    any error, goes to write(), which buffers the rest, waits for the socket to drain, and
-    closes the stream on an error, as it always does.
+    `send` per follower's socket, that costs about as much as the `send`. With the buffer empty
+    nothing can be queued ahead, so a direct `send` keeps the order. What the kernel does not
+    take, and any error, goes to write(), which buffers the rest, waits for the socket to drain,
+    and closes the stream on an error, as it always does.
 
     Relies on tornado's IOStream internals (the version is pinned in requirements.txt):
     `_write_buffer` holds what was written and not yet sent, and `socket` is the plain socket. A
