@@ -29,7 +29,6 @@ import datetime
 import json
 import pathlib
 import signal
-import struct
 import sys
 import time
 from collections import defaultdict
@@ -73,7 +72,7 @@ class Hub:
         writes, last_write = 0, {}
         for number, post in enumerate(posts, 1):
             payload = wire.post_frame({**post, "created_at": created_at})
-            frame = websocket_text_frame(payload) if prebuilt else payload
+            frame = wire.websocket_text_frame(payload) if prebuilt else payload
             for user in self.followers.get(post["author_id"], ()):
                 for socket in list(self.connections.get(user, ())):
                     try:
@@ -85,18 +84,6 @@ class Hub:
                 await asyncio.gather(*last_write.values(), return_exceptions=True)
                 last_write = {}
         return writes
-
-
-def websocket_text_frame(payload: bytes) -> bytes:
-    """A final, unmasked, uncompressed text frame (RFC 6455 5.2), as a server sends it."""
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x81, size)
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, size)
-    return header + payload
 
 
 def _write_message(socket: PushSocket, payload: bytes) -> Awaitable[None]:

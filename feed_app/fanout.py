@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Protocol
 
+from feed_app import wire
+
 
 class BrokerUnavailable(Exception):
     """No open connection to RabbitMQ right now (it is being re-established)."""
@@ -55,12 +57,18 @@ class Publisher(Protocol):
 class Delivery:
     """A live change of a post (new, edited, deleted): its version for de-duplication (one
     sequence numbers every change), its author, the websocket frame to forward, and when it was
-    made (for the change-to-send latency)."""
+    made (for the change-to-send latency). `websocket_frame` is that frame with its websocket
+    header, built here once: in process mode one Delivery goes to every local follower, and each
+    socket then gets the same bytes instead of framing them again."""
 
     version: int
     author_id: int
     frame: bytes
     created_ms: int | None
+    websocket_frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "websocket_frame", wire.websocket_text_frame(self.frame))
 
 
 class Subscriber(Protocol):
@@ -69,9 +77,10 @@ class Subscriber(Protocol):
     user_id: int
 
     def on_post(self, delivery: Delivery) -> asyncio.Future | None:
-        """A live post of a subscribed author. Returns the pending write when the frame is on its
-        way to the socket (session mode acknowledges the message once it has left the process,
-        so a slow socket holds back its own queue only), else None."""
+        """A live post of a subscribed author. Returns the pending write while the frame is on
+        its way to the socket (session mode acknowledges the message once it has left the
+        process, so a slow socket holds back its own queue only), else None: the kernel took it
+        at once, or it is not written."""
 
     def on_follow_change(self, author_id: int) -> None:
         """The user's follow of this author changed, on some instance."""

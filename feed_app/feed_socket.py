@@ -164,6 +164,21 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         except tornado.iostream.StreamClosedError as exc:
             raise tornado.websocket.WebSocketClosedError() from exc
 
+    def write_prebuilt(self, frame: bytes) -> asyncio.Future | None:
+        """Write a whole websocket frame built beforehand (wire.websocket_text_frame), as it is:
+        None once the kernel has taken it all, else the pending write (see send_or_buffer)."""
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():
+            raise tornado.websocket.WebSocketClosedError()
+        try:
+            return send_or_buffer(connection.stream, frame)
+        except tornado.iostream.StreamClosedError as exc:
+            raise tornado.websocket.WebSocketClosedError() from exc
+
+    def get_compression_options(self) -> dict | None:
+        """No permessage-deflate: write_prebuilt's frames go out as built, uncompressed."""
+        return None
+
     def on_message(self, message: str | bytes) -> None:
         token = token_of_message(message)
         if token is None:
@@ -216,3 +231,30 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         session, self.session = self.session, None
         if session:
             session.close()
+
+
+def send_or_buffer(stream: tornado.iostream.IOStream, data: bytes) -> asyncio.Future | None:
+    """Write to a stream: straight to the kernel when nothing waits in the stream's buffer, and
+    None once it took every byte; else through IOStream.write(), and its future.
+
+    write() allocates a Future with a callback for every call and resolves it through the event
+    loop even when the kernel took everything at once: in process mode, where one post is one
+    `send` per follower's socket, that costs about as much as the `send`. With the buffer empty
+    nothing can be queued ahead, so a direct `send` keeps the order. What the kernel does not
+    take, and any error, goes to write(), which buffers the rest, waits for the socket to drain,
+    and closes the stream on an error, as it always does.
+
+    Relies on tornado's IOStream internals (the version is pinned in requirements.txt):
+    `_write_buffer` holds what was written and not yet sent, and `socket` is the plain socket. A
+    TLS stream (SSLIOStream) always goes through write(), which encrypts."""
+    if stream._write_buffer or type(stream) is not tornado.iostream.IOStream or stream.closed():
+        return stream.write(data)
+    try:
+        sent = stream.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return stream.write(data)  # it meets the error again and closes the stream
+    if sent == len(data):
+        return None
+    return stream.write(memoryview(data)[sent:])

@@ -49,6 +49,7 @@ CHECKPOINT_EVERY = 256  # deliveries; the floor rises with them once the seen-wi
 
 class FeedSocket(Protocol):
     def write_text_frame(self, data: bytes) -> asyncio.Future: ...
+    def write_prebuilt(self, frame: bytes) -> asyncio.Future | None: ...
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
 
@@ -372,7 +373,7 @@ class FeedSession:
         if not shown or not self.seen.add(delivery.version):
             return None
         try:
-            written = self.socket.write_text_frame(delivery.frame)
+            written = self.socket.write_prebuilt(delivery.websocket_frame)
         except WebSocketClosedError:
             return None  # the handler's on_close ends the session
         self.metrics.deliveries += 1
@@ -385,8 +386,8 @@ class FeedSession:
             and self.seen.floor > self._checkpoint
         ):
             self._spawn(self._send_checkpoint())
-        if not written.done():
-            self._count_unsent(written, len(delivery.frame))
+        if written is not None and not written.done():
+            self._count_unsent(written, len(delivery.websocket_frame))
         return written
 
     def _count_unsent(self, written: asyncio.Future, size: int) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 from typing import Any
 
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints; 1..MAX_ID everywhere (paths, bodies, tokens)
@@ -105,6 +106,19 @@ def checkpoint_frame(since: int) -> bytes:
 
 def following_frame(following: int) -> bytes:
     return _frame({"type": "following", "following": following})
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A final, unmasked, uncompressed text frame (RFC 6455 5.2) around a frame above, as a server
+    sends it: built once per post, the same bytes go to every socket that shows the post."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x81, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
 
 
 FRAME_TYPES = ("post", "deleted", "ready", "checkpoint", "following")

@@ -6,9 +6,10 @@ import collections
 import pika
 import psycopg2
 import pytest
+from tornado.websocket import websocket_connect
 
 from tests.conftest import AMQP_URL, both_fanout_modes
-from tests.support import inspect_fanout, wait_queue_gone
+from tests.support import Feed, inspect_fanout, wait_queue_gone
 
 pytestmark = both_fanout_modes
 
@@ -30,6 +31,22 @@ async def test_every_session_of_a_follower_gets_the_post_and_nobody_else(api, se
     marker = await api.post(author)
     assert await tab1.wait_posts(2) == [post, marker]
     assert outsider.posts == [own]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_client_offering_compression_gets_the_frames_as_built(api):
+    """Proves: the service never negotiates permessage-deflate, which a frame built once per post
+    and written to every socket as it is relies on, and a client that offers it reads posts."""
+    author, reader = await api.new_user(), await api.new_user()
+    await api.follow(reader, author)
+    url = f"{api.ws_url}/post/feed/{reader.id}?token={reader.token}"
+    ws = await asyncio.wait_for(websocket_connect(url, compression_options={}), 10)
+    feed = Feed(ws)
+    await feed.wait_ready()
+    assert "Sec-WebSocket-Extensions" not in ws.headers
+    post = await api.post(author, "uncompressed")
+    assert await feed.wait_posts(1) == [post]
+    feed.close()
 
 
 @pytest.mark.gen_test(timeout=20)

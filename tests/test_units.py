@@ -5,10 +5,13 @@ import asyncio
 import datetime
 import json
 import os
+import socket
 import time
 
 import psycopg2
 import pytest
+import tornado.iostream
+import tornado.websocket
 
 from feed_app import demo, wire
 from feed_app.broker.channel import Channel
@@ -17,6 +20,7 @@ from feed_app.config import Rate, Settings, parse_settings, rate, redact_url, tr
 from feed_app.db import Post, prepare_database
 from feed_app.edge import client_address
 from feed_app.fanout import Delivery
+from feed_app.feed_socket import send_or_buffer
 from feed_app.horizon import HorizonClock
 from feed_app.limits import LimitExceeded, SlowRefusals, TokenBuckets, address_key
 from feed_app.metrics import Metrics
@@ -261,8 +265,17 @@ class WrittenAtOnce:
         done.set_result(None)
         return done
 
+    def write_prebuilt(self, frame: bytes) -> None:
+        self.frames.append(websocket_payload(frame))
+
     def close(self, code=None, reason=None) -> None:
         pass
+
+
+def websocket_payload(frame: bytes) -> bytes:
+    """The payload of one whole unmasked websocket frame."""
+    size = frame[1] & 0x7F
+    return frame[{126: 4, 127: 10}.get(size, 2) :]
 
 
 class BoundAtOnce:
@@ -347,5 +360,82 @@ def test_an_ended_log_in_reaches_its_watchers_once_and_is_forgotten_after_the_wi
         with mock.patch("time.monotonic", return_value=later):
             revocations._forget_old()
         assert not revocations.is_ended(5)
+
+    asyncio.run(scenario())
+
+
+# --- one frame per post, written to every socket ------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_the_prebuilt_frame_is_what_tornado_would_send(size):
+    """Proves: wire.websocket_text_frame gives exactly the bytes of tornado's own frame writer for
+    a server's text message (unmasked, uncompressed), for each of the three length encodings."""
+    written: list[bytes] = []
+
+    class Stream:
+        def write(self, data: bytes) -> None:
+            written.append(bytes(data))
+
+    # Only the frame writer is exercised: it reads these attributes, nothing of a connection.
+    protocol = tornado.websocket.WebSocketProtocol13.__new__(tornado.websocket.WebSocketProtocol13)
+    protocol.mask_outgoing, protocol._wire_bytes_out, protocol.stream = False, 0, Stream()
+    payload = (b'{"type":"post","text":"' + b"x" * size)[:size]
+    protocol._write_frame(True, 0x1, payload)
+    assert wire.websocket_text_frame(payload) == written[0]
+
+
+def buffered_pair() -> tuple[tornado.iostream.IOStream, socket.socket]:
+    """A server-side stream and its peer, with small kernel buffers so that they fill quickly."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return tornado.iostream.IOStream(ours), theirs
+
+
+def test_send_or_buffer_sends_at_once_then_queues_in_order_behind_what_waits():
+    """Proves: with nothing waiting in the stream, a frame goes to the kernel at once (None, no
+    future); once the kernel takes no more, the rest of that frame and every frame after it wait
+    in the stream's buffer, even after the kernel has room again (the peer read some), and the
+    peer reads every byte once, in order."""
+
+    async def scenario() -> None:
+        stream, peer = buffered_pair()
+        frames = [wire.websocket_text_frame(b"%05d" % i * 200) for i in range(100)]
+        results = [send_or_buffer(stream, frame) for frame in frames[:50]]
+        assert results[0] is None
+        waiting = next(i for i, result in enumerate(results) if result is not None)
+        assert all(result is not None for result in results[waiting:]), "none jumps the queue"
+        received = peer.recv(8192)  # room in the kernel, while the stream still holds frames
+        results += [send_or_buffer(stream, frame) for frame in frames[50:]]
+        reader = tornado.iostream.IOStream(peer)
+        rest = sum(map(len, frames)) - len(received)
+        received += await asyncio.wait_for(reader.read_bytes(rest), 10)
+        assert received == b"".join(frames)
+        pending = [result for result in results if result is not None]
+        await asyncio.wait_for(asyncio.gather(*pending), 10)  # drained: each one resolved
+        assert send_or_buffer(stream, frames[0]) is None  # empty again: straight to the kernel
+        stream.close()
+        with pytest.raises(tornado.iostream.StreamClosedError):
+            send_or_buffer(stream, frames[0])
+        reader.close()
+
+    asyncio.run(scenario())
+
+
+def test_send_or_buffer_leaves_other_streams_to_their_own_write():
+    """Proves: a stream of another kind (SSLIOStream encrypts in write()) is never written to
+    underneath: the frame goes through its write(), which returns a future."""
+
+    class OtherStream(tornado.iostream.IOStream):
+        pass
+
+    async def scenario() -> None:
+        ours, peer = socket.socketpair()
+        stream = OtherStream(ours)
+        assert send_or_buffer(stream, b"frame") is not None
+        assert peer.recv(16) == b"frame"
+        stream.close()
+        peer.close()
 
     asyncio.run(scenario())
