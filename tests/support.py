@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.cookies
 import json
 import secrets
 import urllib.parse
@@ -15,6 +16,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import HTTPHeaders
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
+from feed_app import wire
 from feed_app.fanout import Subscriber
 from tests import contract
 
@@ -46,6 +48,15 @@ def inspect_fanout(service: Any) -> FanoutInspection:
 class User:
     id: int
     token: str
+
+
+def refresh_cookie(set_cookies: list[str]) -> http.cookies.Morsel | None:
+    """The refresh token's cookie among a response's Set-Cookie headers."""
+    for header in set_cookies:
+        cookie = http.cookies.SimpleCookie(header)
+        if wire.REFRESH_COOKIE in cookie:
+            return cookie[wire.REFRESH_COOKIE]
+    return None
 
 
 class Api:

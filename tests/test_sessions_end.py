@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import http.cookies
 import time
 
 import psycopg2
@@ -15,7 +14,7 @@ from tornado.httpclient import HTTPClientError
 
 from feed_app import auth, wire
 from tests.conftest import with_settings
-from tests.support import PASSWORD, Api, Feed, User
+from tests.support import PASSWORD, Api, Feed, User, refresh_cookie
 
 REVOCATION_REACH = 1.0  # seconds: the bound for an ended log-in to reach a socket
 
@@ -49,14 +48,6 @@ class Device:
             if morsel is not None and morsel.value:
                 self.refresh = morsel.value
         return code, body, None if morsel is None else morsel.value
-
-
-def refresh_cookie(set_cookies: list[str]) -> http.cookies.Morsel | None:
-    for header in set_cookies:
-        cookie = http.cookies.SimpleCookie(header)
-        if wire.REFRESH_COOKIE in cookie:
-            return cookie[wire.REFRESH_COOKIE]
-    return None
 
 
 async def log_in(api: Api, user_id: int, password: str = PASSWORD) -> Device:

@@ -29,7 +29,7 @@ from feed_app.config import Settings, trusted_networks
 from feed_app.edge import client_protocol
 from tests import cluster_tools
 from tests.faults import free_port
-from tests.support import Api
+from tests.support import PASSWORD, Api, refresh_cookie
 from tests.tls_front import certificate_of, wait_up
 
 HSTS = f"max-age={Settings.hsts_max_age}"
@@ -82,6 +82,21 @@ async def test_api_over_https_and_the_feed_over_wss(instance, tls_front):
 
     with pytest.raises(ssl.SSLCertVerificationError):  # not an authority the system trusts
         served_certificate(front.tls_port, None)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_refresh_cookie_is_secure_over_https_only(instance, tls_front):
+    """The instance learns that the login came over HTTPS from its trusted proxy only, and marks
+    the refresh cookie Secure then; over plain HTTP to the instance it cannot be."""
+    front = tls_front(instance.port)
+    await wait_up(front)
+    for api, secure in ((Api(front.url, front.ca_certs), True), (Api(instance.base_url), False)):
+        user = await api.new_user()
+        login = {"id": user.id, "password": PASSWORD}
+        code, body, headers = await api.request("POST", "/login", login)
+        assert code == 200, body
+        morsel = refresh_cookie(headers.get_list("Set-Cookie"))
+        assert morsel is not None and bool(morsel["secure"]) is secure, (api.base_url, morsel)
 
 
 def test_the_generated_authority_is_for_loopback_and_lost_its_key(front_certificate: Certificate):
