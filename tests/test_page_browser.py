@@ -700,6 +700,18 @@ async def test_load_older_pages_back_without_duplicates(browser, api):
     await wait_live(page)
     await page.wait_for("!document.getElementById('load-older').hidden")
     assert len(await shown_posts(page)) == 20
+    # Live edits: one of a shown post changes it in place; one of the oldest post, below the
+    # page read so far, waits for "Load older posts" to bring it in its new text.
+    for post, text in ((posts[0], "the first, edited"), (posts[-1], "the last, edited")):
+        code, body = await api.call(
+            "PUT", "/post/update", {"id": post["id"], "text": text}, token=author.token
+        )
+        assert code == 200, body
+    await page.wait_for(
+        f"document.querySelector('li[data-id=\"{posts[-1]['id']}\"] .post-text')"
+        ".textContent === 'the last, edited'"
+    )
+    assert posts[0]["id"] not in [p["id"] for p in await shown_posts(page)]
 
     for shown in (40, 47):
         await page.click("#load-older")
@@ -709,6 +721,7 @@ async def test_load_older_pages_back_without_duplicates(browser, api):
     ids = [p["id"] for p in await shown_posts(page)]
     assert ids == sorted((p["id"] for p in posts), reverse=True)  # all, newest first, once each
     assert not any(p["isNew"] for p in await shown_posts(page))
+    assert (await shown_posts(page))[-1]["text"] == "the first, edited"
 
 
 async def live_page(
