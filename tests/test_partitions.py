@@ -21,16 +21,14 @@ import pytest
 
 from deploy import processes
 from deploy.cluster import Cluster, Instance
-from deploy.rabbit_nodes import NodeError
+from deploy.rabbit_nodes import Node, NodeError
 from feed_app.config import MODES
 from tests.cluster_tools import ROOT, assert_exact, blocking, broker_of, record, running
 
 FAULT_TABLE = ROOT / "bench" / "results" / "partition-faults.md"
 CUT_SECONDS = 8.0  # how long a staged partition keeps the link down
 CTL_TIMEOUT = 20.0  # seconds for rabbitmqctl on a node that may hang in the partition
-
-
-CUT_SECONDS = 8.0  # how long a staged partition keeps the link down
+STOP_APP_TIMEOUT = 30.0  # seconds before a hung stop_app is given up for a restart of the node
 
 
 class PathWatch:
@@ -134,17 +132,27 @@ async def settled(cluster: Cluster, timeout: float) -> dict[str, int]:
 
 async def heal_partitions(cluster: Cluster) -> list[str]:
     """What an operator does once the link is back, if RabbitMQ does not heal by itself: restart
-    (stop_app, start_app) the node cut off from the most others, until no node reports a
-    partition. Returns the nodes restarted."""
+    the node cut off from the most others, until no node reports a partition. Returns the nodes
+    restarted."""
     restarted: list[str] = []
     while cut_off := await settled(cluster, 10):
         assert len(restarted) < len(cluster.nodes), f"still partitioned: {cut_off}"
         name = max(sorted(cut_off), key=lambda n: cut_off[n])
         node = next(node for node in cluster.nodes if node.name == name)
-        await blocking(node.ctl, "stop_app")
-        await blocking(node.ctl, "start_app")
+        await blocking(restart_node, node)
         restarted.append(name)
     return restarted
+
+
+def restart_node(node: Node) -> None:
+    """stop_app and start_app; a node coming out of a pause can hang in stop_app, and then the
+    operator restarts the whole node on its data directory (docs/partitions.md)."""
+    try:
+        node.ctl("stop_app", timeout=STOP_APP_TIMEOUT)
+        node.ctl("start_app")
+    except NodeError:
+        node.kill()
+        node.wait_started(node.start())
 
 
 async def paths_whole(cluster: Cluster, timeout: float = 20) -> None:
