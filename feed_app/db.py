@@ -325,6 +325,12 @@ class Database:
         rows = await self._run("SELECT id, name FROM users WHERE id = %s", (user_id,))
         return rows[0] if rows else None
 
+    async def newest_change(self) -> int:
+        """The highest change number handed out so far (post ids and versions share the
+        sequence); 0 before the first."""
+        [(last, called)] = await self._run("SELECT last_value, is_called FROM post_ids")
+        return last if called else 0
+
     async def get_password_hash(self, user_id: int) -> str | None:
         rows = await self._run("SELECT password_hash FROM users WHERE id = %s", (user_id,))
         return rows[0][0] if rows else None

@@ -82,6 +82,19 @@ async def test_since_sends_exactly_the_missed_posts(api):
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_a_checkpoint_from_beyond_this_database_starts_the_socket_afresh(api):
+    """A client of a database since restored or made anew comes back with a checkpoint higher
+    than any change here: it gets the history and live posts, not silence."""
+    author, follower = await api.new_user(), await api.new_user()
+    await api.follow(follower, author)
+    before = await api.post(author, "before")
+    feed = await api.open_feed(follower, since=before["id"] + 10**12)
+    assert feed.history == [before]
+    live = await api.post(author, "live")
+    assert await feed.wait_posts(1) == [live]
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_unfollowed_author_is_not_delivered_to_new_sessions(api):
     kept, dropped, follower = await api.new_user(), await api.new_user(), await api.new_user()
     await api.follow(follower, kept)
