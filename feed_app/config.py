@@ -205,7 +205,10 @@ def parse_settings(
         choices = _CHOICES.get(field)
         if choices and default not in choices:
             parser.error(f"{var}={default!r} is not one of {', '.join(choices)}")
-        shown = "(set)" if field == "jwt_secret" else str(default).replace("%", "%%")
+        if field == "jwt_secret":  # never printed; only whether one was given
+            shown = "(set)" if default != DEV_JWT_SECRET else "(the development secret)"
+        else:
+            shown = str(default).replace("%", "%%")
         parser.add_argument(
             "--" + field.replace("_", "-"),
             type=kind,

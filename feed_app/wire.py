@@ -41,7 +41,9 @@ _REASONS = {
     Close.CLIENT_DATA: "the feed is server-to-client; send nothing but a token message",
     Close.INVALID_TEXT: "text frames must be UTF-8",
     Close.SERVER_ERROR: "database unavailable; reconnect with since=<last checkpoint>",
-    Close.TOKEN_EXPIRED: "token expired: reconnect with a fresh one and since=<last checkpoint>",
+    Close.TOKEN_EXPIRED: (
+        "token expired or invalid: reconnect with a fresh one and since=<last checkpoint>"
+    ),
     Close.LOGGED_OUT: "logged out: this log-in has ended",
     Close.TOO_SLOW: "too slow: reconnect with since=<last checkpoint>",
 }
