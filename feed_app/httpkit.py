@@ -88,6 +88,11 @@ class JsonErrors(tornado.web.RequestHandler):
     `hsts_max_age` setting; 0 sends none)."""
 
     def set_default_headers(self) -> None:
+        # No page of this service is meant to be framed (clickjacking of Follow, Delete, Log
+        # out), and no answer is to be read as another type than it says.
+        self.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("X-Content-Type-Options", "nosniff")
         # Only over HTTPS: RFC 6797 has browsers ignore it over plain HTTP, where a network
         # attacker could have added it. request.protocol is the client's (edge.client_protocol).
         max_age = self.settings.get("hsts_max_age", 0)

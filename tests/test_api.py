@@ -80,3 +80,15 @@ async def test_page_is_served_and_renders_text_as_text(api):
     assert 'id="output"' in page
     assert "innerHTML" not in page and "insertAdjacentHTML" not in page
     assert "textContent" in page
+
+
+@pytest.mark.gen_test
+async def test_no_answer_may_be_framed_or_sniffed(api):
+    """The page and the API alike: no other site frames them, no browser guesses their type."""
+    from tornado.httpclient import AsyncHTTPClient
+
+    for path in ("/", "/healthz", "/no/such/path"):
+        response = await AsyncHTTPClient().fetch(api.base_url + path, raise_error=False)
+        assert response.headers.get("Content-Security-Policy") == "frame-ancestors 'none'", path
+        assert response.headers.get("X-Frame-Options") == "DENY", path
+        assert response.headers.get("X-Content-Type-Options") == "nosniff", path
