@@ -45,6 +45,14 @@ class LoginBase(BaseHandler):
         send_error keeps the cookies set before it)."""
         self.clear_cookie(REFRESH_COOKIE, path=REFRESH_PATH, httponly=True, samesite="Strict")
 
+    async def password_matches(self, user_id: int, password: str) -> bool:
+        """A guess at the user's password, counted and limited like every login attempt before
+        any hash is computed."""
+        limits = self.service.limits
+        await limits.login_attempt(user_id, self.request.remote_ip)
+        stored = await self.db.get_password_hash(user_id)
+        return await limits.hashing.run(auth.verify_password_sync, password, stored)
+
     def ended(self, login_ids: list[int]) -> None:
         self.service.revocations.ended(login_ids)
         self.finish({"logins_ended": len(login_ids)})
@@ -56,10 +64,7 @@ class LoginHandler(LoginBase):
         user_id = body["id"]
         if not 0 < user_id <= MAX_ID:
             raise ApiError(400, "id must be a positive integer below 2^63")
-        limits = self.service.limits
-        await limits.login_attempt(user_id, self.request.remote_ip)
-        stored = await self.db.get_password_hash(user_id)
-        if not await limits.hashing.run(auth.verify_password_sync, body["password"], stored):
+        if not await self.password_matches(user_id, body["password"]):
             raise ApiError(401, "wrong user id or password")
         refresh_token, refresh_hash = auth.new_refresh_token()
         ttl = self.service.settings.refresh_token_ttl
@@ -118,11 +123,7 @@ class PasswordHandler(LoginBase):
         new_password = body["new_password"]
         if not PASSWORD_LENGTH[0] <= len(new_password) <= PASSWORD_LENGTH[1]:
             raise ApiError(400, "password must be {} to {} characters".format(*PASSWORD_LENGTH))
-        limits = self.service.limits
-        # The old password is a guess like a login's: counted the same, before any hash.
-        await limits.login_attempt(caller.user_id, self.request.remote_ip)
-        stored = await self.db.get_password_hash(caller.user_id)
-        if not await limits.hashing.run(auth.verify_password_sync, body["old_password"], stored):
+        if not await self.password_matches(caller.user_id, body["old_password"]):
             raise ApiError(403, "wrong password")
-        new_hash = await limits.hashing.run(auth.hash_password_sync, new_password)
+        new_hash = await self.service.limits.hashing.run(auth.hash_password_sync, new_password)
         self.ended(await self.db.change_password(caller.user_id, new_hash, caller.login_id))
