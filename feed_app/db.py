@@ -462,10 +462,17 @@ class Database:
         params = {"user": user_id, "hash": password_hash, "keep": keep}
         return [login_id for (login_id,) in await self._run(sql, params, retry=False)]
 
-    async def ended_logins(self, within: float) -> set[int]:
-        """The log-ins ended within the last `within` seconds (PostgreSQL's clock)."""
-        sql = "SELECT id FROM logins WHERE revoked_at > now() - %s * interval '1 second'"
-        return {login_id for (login_id,) in await self._run(sql, (within,))}
+    async def ended_logins(
+        self, after: datetime.datetime | None, within: float
+    ) -> tuple[set[int], datetime.datetime]:
+        """The log-ins ended after `after` (or, given None, within the last `within` seconds),
+        and PostgreSQL's clock at the read, from which the next read can go on."""
+        sql = """
+            SELECT now(), array(
+                SELECT id FROM logins
+                WHERE revoked_at > coalesce(%s, now() - %s * interval '1 second'))"""
+        [(read_at, login_ids)] = await self._run(sql, (after, within))
+        return set(login_ids), read_at
 
     # posts
 

@@ -1,6 +1,7 @@
 """Which log-ins have ended, known to every process within a second without a database read per
-request: each process reads the log-ins ended lately twice a second, and refuses their access
-tokens, and closes the feed sockets opened with them (feed_app/feed_socket.py), as it learns.
+request: each process reads the log-ins ended since its last read twice a second, and refuses
+their access tokens, and closes the feed sockets opened with them (feed_app/feed_socket.py), as
+it learns.
 
 Only the log-ins ended within one access-token lifetime (and a margin for clocks) are kept: the
 tokens of one ended before that have expired anyway, and no new ones are issued for it.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +24,9 @@ POLL_EVERY = 0.5  # seconds: the delay a log-out takes to reach another process,
 # Seconds beyond the access-token lifetime during which an ended log-in is remembered: the
 # expiry in a token is read on this host's clock, the end of a log-in on PostgreSQL's.
 CLOCK_MARGIN = 60.0
+# Seconds each read goes back before the last one: a log-in's end is stamped when its statement
+# starts (now()) and seen when it commits, so one read can miss an end stamped just before it.
+READ_OVERLAP = 5.0
 
 
 class Revocations:
@@ -31,6 +36,7 @@ class Revocations:
         self._ended: dict[int, float] = {}  # log-in id -> when this process last heard of it
         self._watchers: dict[int, set[Callable[[], None]]] = {}
         self._polling: asyncio.Task | None = None
+        self._read_at: datetime.datetime | None = None  # PostgreSQL's clock at the last read
         self._unavailable = False  # logged once per outage, not twice a second
 
     def is_ended(self, login_id: int) -> bool:
@@ -70,8 +76,10 @@ class Revocations:
 
     async def _poll(self) -> None:
         while True:
+            after = self._read_at and self._read_at - datetime.timedelta(seconds=READ_OVERLAP)
             try:
-                self.ended(await self.db.ended_logins(self.window))
+                login_ids, self._read_at = await self.db.ended_logins(after, self.window)
+                self.ended(login_ids)
                 self._unavailable = False
             except DatabaseUnavailable as exc:
                 # Tokens of log-ins ended meanwhile stay good here until PostgreSQL answers.
