@@ -19,6 +19,7 @@ from feed_app.httpkit import (
     MAX_BODY,
     ApiError,
     JsonErrors,
+    check_id,
     error_body,
     int_argument,
     limit_argument,
@@ -240,10 +241,9 @@ class UpdatePostHandler(ChangePostHandler):
     async def put(self) -> None:
         author = self.caller_id()
         body = self.json_body({"id": int, "text": str})
-        if not 0 < body["id"] <= MAX_ID:
-            raise ApiError(400, "id must be a positive integer below 2^63")
+        post_id = check_id(body["id"], "id")
         _check_post_text(body["text"])
-        post = await self.change(author, body["id"], body["text"])
+        post = await self.change(author, post_id, body["text"])
         self.finish(post.to_json())
 
 

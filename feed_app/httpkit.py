@@ -39,9 +39,16 @@ def _digits(value: str | None) -> bool:
 
 def parse_id(value: str | None, what: str) -> int:
     """A positive bigint from a path or query string; 400 for anything else."""
-    if not _digits(value) or not 0 < int(value) <= MAX_ID:
+    if not _digits(value):
         raise ApiError(400, f"{what} must be a positive integer below 2^63")
-    return int(value)
+    return check_id(int(value), what)
+
+
+def check_id(value: int, what: str) -> int:
+    """A positive bigint from a JSON body (an int already); 400 for anything else."""
+    if not 0 < value <= MAX_ID:
+        raise ApiError(400, f"{what} must be a positive integer below 2^63")
+    return value
 
 
 def int_argument(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from feed_app import auth
 from feed_app.handlers import PASSWORD_LENGTH, BaseHandler, Service
-from feed_app.httpkit import ApiError
-from feed_app.wire import MAX_ID, REFRESH_COOKIE, REFRESH_PATH
+from feed_app.httpkit import ApiError, check_id
+from feed_app.wire import REFRESH_COOKIE, REFRESH_PATH
 
 # A cookie value longer than any refresh token is no refresh token: refused before it is hashed.
 MAX_REFRESH_TOKEN = 64
@@ -61,9 +61,7 @@ class LoginBase(BaseHandler):
 class LoginHandler(LoginBase):
     async def post(self) -> None:
         body = self.json_body({"id": int, "password": str})
-        user_id = body["id"]
-        if not 0 < user_id <= MAX_ID:
-            raise ApiError(400, "id must be a positive integer below 2^63")
+        user_id = check_id(body["id"], "id")
         if not await self.password_matches(user_id, body["password"]):
             raise ApiError(401, "wrong user id or password")
         refresh_token, refresh_hash = auth.new_refresh_token()
