@@ -11,13 +11,13 @@ import tornado.escape
 import tornado.web
 
 from feed_app.db import DatabaseUnavailable, UnknownUser
-from feed_app.wire import MAX_ID
+from feed_app.wire import MAX_ID, Close
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # request bodies here are a few hundred bytes of JSON
 BODY_TOO_LARGE = f"request body over {MAX_BODY} bytes"
-LOGIN_ENDED = "logged out: this log-in has ended"  # a valid token of an ended log-in
+LOGIN_ENDED = Close.LOGGED_OUT.reason  # a valid token of an ended log-in: 401, or 4003 on a socket
 
 
 def error_body(message: str) -> bytes:
