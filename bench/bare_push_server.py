@@ -13,7 +13,8 @@ how much of that the service's real work (PostgreSQL, RabbitMQ, exactness) costs
                   push them all, as fast as the sockets take them; answers {"writes": n,
                   "seconds": s, "cpu_seconds": c} when all are written. With "prebuilt", each
                   post's whole websocket frame (header and payload) is built once and the same
-                  bytes go to every socket's stream: the floor of one write per socket, below
+                  bytes go to every socket with one send() (the stream's buffer takes only what
+                  the kernel does not): the floor of one write per socket, below
                   which no websocket feed in Python on this machine can deliver. Without it,
                   write_message() per socket, as any Tornado handler writes.
     GET  /readyz                                                   200 once listening
@@ -42,6 +43,7 @@ from tornado.iostream import StreamClosedError
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from feed_app import wire
+from feed_app.feed_socket import send_or_buffer
 
 # Wait for the writes of this many posts to leave the process before pushing more: the same kind
 # of back-pressure the service gets from its prefetch window, so a slow client does not make this
@@ -76,24 +78,28 @@ class Hub:
             for user in self.followers.get(post["author_id"], ()):
                 for socket in list(self.connections.get(user, ())):
                     try:
-                        last_write[socket] = write(socket, frame)
-                        writes += 1
+                        pending = write(socket, frame)
                     except (tornado.websocket.WebSocketClosedError, StreamClosedError):
-                        pass
+                        continue
+                    writes += 1
+                    if pending is not None:
+                        last_write[socket] = pending
             if number % FLUSH_EVERY == 0 or number == len(posts):
                 await asyncio.gather(*last_write.values(), return_exceptions=True)
                 last_write = {}
         return writes
 
 
-def _write_message(socket: PushSocket, payload: bytes) -> Awaitable[None]:
+def _write_message(socket: PushSocket, payload: bytes) -> Awaitable[None] | None:
     return socket.write_message(payload)
 
 
-def _write_prebuilt(socket: PushSocket, frame: bytes) -> Awaitable[None]:
+def _write_prebuilt(socket: PushSocket, frame: bytes) -> Awaitable[None] | None:
+    """The floor's write: the frame straight to the kernel, one send() per socket, with the
+    stream's buffer only for what the kernel does not take (the service's own primitive)."""
     if socket.ws_connection is None:
         raise tornado.websocket.WebSocketClosedError()
-    return socket.ws_connection.stream.write(frame)
+    return send_or_buffer(socket.ws_connection.stream, frame)
 
 
 class PushSocket(tornado.websocket.WebSocketHandler):
