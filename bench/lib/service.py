@@ -99,15 +99,18 @@ async def start_service(
     settings: dict[str, str],
     log_path: pathlib.Path,
     args: Sequence[str] = (),
+    run_py: pathlib.Path = REPO / "run.py",
 ) -> Target:
     """run.py on a free port of 127.0.0.1 with a random JWT secret and these FEED_* settings
-    (none from this environment) and run.py arguments; returns once it is ready."""
+    (none from this environment) and run.py arguments; returns once it is ready. `run_py` may be
+    another checkout's, to measure two versions of the service with the same client; it runs in
+    its own directory."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
     env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
     env.update(settings)
-    argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1", "--port", str(port)]
-    service = ManagedProcess("the service", [*argv, *args], log_path, env=env, cwd=REPO)
+    argv = [sys.executable, str(run_py), "--host", "127.0.0.1", "--port", str(port)]
+    service = ManagedProcess("the service", [*argv, *args], log_path, env=env, cwd=run_py.parent)
     url = f"http://127.0.0.1:{port}"
     await wait_ready(url, 60, service)
     return Target([url], env["FEED_JWT_SECRET"], process=service)

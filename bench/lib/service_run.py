@@ -107,7 +107,9 @@ class ServiceRun:
         run_args = ["--workers", str(args.workers), "--fanout", self.mode]
         self.say(f"starting the service: run.py {' '.join(run_args)}")
         settings = {**UNLIMITED, **dict(args.service_env)}
-        return await start_service(args.db_dsn, args.amqp_url, settings, self.log_path, run_args)
+        return await start_service(
+            args.db_dsn, args.amqp_url, settings, self.log_path, run_args, args.run_py
+        )
 
     async def seed(self) -> None:
         started = time.monotonic()
