@@ -84,6 +84,11 @@ class SeenPosts:
         self._ids.add(version)
         self._order.append(version)
         self._seen_at.append(now)
+        if len(self._order) > self.capacity:
+            self._forget_oldest(now)
+        return True
+
+    def _forget_oldest(self, now: float) -> None:
         while len(self._order) > self.capacity and (
             len(self._order) > self.hard_capacity or now - self._seen_at[0] >= self.keep_for
         ):
@@ -91,7 +96,6 @@ class SeenPosts:
             self._seen_at.popleft()
             self._ids.discard(oldest)
             self.floor = max(self.floor, oldest)
-        return True
 
     def raise_floor(self, horizon: int) -> None:
         if horizon <= self.floor:
@@ -227,10 +231,10 @@ class FeedSession:
             self._spawn(self._change_follow(author_id))
 
     def on_post(self, delivery: Delivery) -> asyncio.Future | None:
+        if self.phase is SessionPhase.LIVE:  # first: the one check of nearly every delivery
+            return self._deliver(delivery)
         if self.closed:
             return None
-        if self.phase is SessionPhase.LIVE:
-            return self._deliver(delivery)
         if len(self._held) >= self.settings.session_queue_max:
             self.on_overflow()
             return None
@@ -369,17 +373,16 @@ class FeedSession:
     # --- live posts ----------------------------------------------------------------------------
 
     def _deliver(self, delivery: Delivery) -> asyncio.Future | None:
-        shown = delivery.author_id in self.following or delivery.author_id == self.user_id
-        if not shown or not self.seen.add(delivery.version):
+        author = delivery.author_id
+        if author not in self.following and author != self.user_id:
+            return None
+        if not self.seen.add(delivery.version):
             return None
         try:
             written = self.socket.write_prebuilt(delivery.websocket_frame)
         except WebSocketClosedError:
             return None  # the handler's on_close ends the session
-        self.metrics.deliveries += 1
-        if delivery.created_ms:
-            latency = max(0.0, time.time() - delivery.created_ms / 1000)
-            self.metrics.delivery_latency.observe(latency)
+        self.metrics.delivered(delivery.created_ms)
         self._deliveries_since_checkpoint += 1
         if (
             self._deliveries_since_checkpoint >= CHECKPOINT_EVERY
