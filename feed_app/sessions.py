@@ -242,6 +242,32 @@ class FeedSession:
         self._held.append((delivery, done))
         return done
 
+    def on_posts(self, deliveries: list[Delivery]) -> None:
+        if self.phase is not SessionPhase.LIVE:
+            for delivery in deliveries:
+                self.on_post(delivery)
+            return
+        shown = [
+            delivery
+            for delivery in deliveries
+            if (delivery.author_id in self.following or delivery.author_id == self.user_id)
+            and self.seen.add(delivery.version)
+        ]
+        if len(shown) <= 1:
+            if shown:
+                self._write(shown[0])
+            return
+        # One send for the lot: the frames follow each other in the stream as separate writes
+        # would, and a socket costs one syscall per read from the broker, not one per post.
+        frames = b"".join(delivery.websocket_frame for delivery in shown)
+        try:
+            written = self.socket.write_prebuilt(frames)
+        except WebSocketClosedError:
+            return  # the handler's on_close ends the session
+        for delivery in shown:
+            self.metrics.delivered(delivery.created_ms)
+        self._after_write(written, len(shown), len(frames))
+
     # --- sync: subscribe first, then read, then release live posts -----------------------------
 
     def _resync(self) -> None:
@@ -378,27 +404,34 @@ class FeedSession:
             return None
         if not self.seen.add(delivery.version):
             return None
+        return self._write(delivery)
+
+    def _write(self, delivery: Delivery) -> asyncio.Future | None:
+        """Write a post the session has just counted as seen."""
         try:
             written = self.socket.write_prebuilt(delivery.websocket_frame)
         except WebSocketClosedError:
             return None  # the handler's on_close ends the session
         self.metrics.delivered(delivery.created_ms)
-        self._deliveries_since_checkpoint += 1
+        self._after_write(written, 1, len(delivery.websocket_frame))
+        return written
+
+    def _after_write(self, written: asyncio.Future | None, frames: int, size: int) -> None:
+        self._deliveries_since_checkpoint += frames
         if (
             self._deliveries_since_checkpoint >= CHECKPOINT_EVERY
             and self.seen.floor > self._checkpoint
         ):
             self._spawn(self._send_checkpoint())
         if written is not None and not written.done():
-            self._count_unsent(written, len(delivery.websocket_frame))
-        return written
+            self._count_unsent(written, frames, size)
 
-    def _count_unsent(self, written: asyncio.Future, size: int) -> None:
+    def _count_unsent(self, written: asyncio.Future, frames: int, size: int) -> None:
         """Tornado buffers whatever the socket does not take, without a limit: a client that
         stops reading is closed (4008) once it has too much waiting, rather than grow the
         process. In session mode the broker's prefetch keeps this small; in process mode posts
         are acknowledged as they are fanned out, and this is the bound."""
-        self._unsent_frames += 1
+        self._unsent_frames += frames
         self._unsent_bytes += size
         if (
             self._unsent_frames > self.settings.session_queue_max
@@ -406,10 +439,10 @@ class FeedSession:
         ):
             self.on_overflow()
         else:
-            written.add_done_callback(functools.partial(self._sent, size))
+            written.add_done_callback(functools.partial(self._sent, frames, size))
 
-    def _sent(self, size: int, _written: asyncio.Future) -> None:
-        self._unsent_frames -= 1
+    def _sent(self, frames: int, size: int, _written: asyncio.Future) -> None:
+        self._unsent_frames -= frames
         self._unsent_bytes -= size
 
     def _spawn(self, coroutine) -> None:

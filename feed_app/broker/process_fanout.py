@@ -36,7 +36,7 @@ from feed_app.broker.channel import Channel
 from feed_app.broker.connection import AMQP_FAILURES, Broker
 from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.broker.once_per_turn import OncePerTurn
-from feed_app.fanout import BrokerUnavailable, Subscriber
+from feed_app.fanout import BrokerUnavailable, Delivery, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class ProcessFanout(BrokerFanout):
         self._setup: Channel | None = None
         self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
         self._flush = OncePerTurn(self._bind_asked)
+        # Messages of this loop turn, in order, fanned out at its end.
+        self._arrived: list[tuple[str, Delivery | messages.FollowChange]] = []
+        self._fan_out = OncePerTurn(self._fan_out_arrived)
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
         self._healing: asyncio.TimerHandle | None = None
@@ -182,17 +185,43 @@ class ProcessFanout(BrokerFanout):
             return  # from before a reconnect
         channel.ack_through(method.delivery_tag)
         route = self._routes.get(method.routing_key)
-        subscribers = route.subscribers if route is not None else None
-        if not subscribers:
+        if route is None or not route.subscribers:
             return  # an author nobody here follows any more (its unbind is on its way)
         message = messages.decode(method, properties, body)
-        if isinstance(message, messages.FollowChange):
-            for subscriber in tuple(subscribers):
-                subscriber.on_follow_change(message.author_id)
-        elif message is not None:
+        if message is not None:
+            self._arrived.append((method.routing_key, message))
+            self._fan_out.ask()
+
+    def _fan_out_arrived(self) -> None:
+        """Fan out what arrived in this loop turn. pika hands over every message of one read in
+        one turn; when that is several posts (a burst, or a process that fell behind), each
+        socket gets the frames of all of them in one write instead of one write each."""
+        arrived, self._arrived = self._arrived, []
+        batches: dict[Subscriber, list[Delivery]] = {}
+        for key, message in arrived:
+            route = self._routes.get(key)
+            if route is None:
+                continue
             # A tuple: a subscriber may close (and leave the set) while it is being written to.
-            for subscriber in tuple(subscribers):
-                subscriber.on_post(message)
+            subscribers = tuple(route.subscribers)
+            if isinstance(message, messages.FollowChange):
+                for subscriber in subscribers:
+                    subscriber.on_follow_change(message.author_id)
+            elif len(arrived) == 1:
+                for subscriber in subscribers:
+                    subscriber.on_post(message)
+            else:
+                for subscriber in subscribers:
+                    batch = batches.get(subscriber)
+                    if batch is None:
+                        batches[subscriber] = [message]
+                    else:
+                        batch.append(message)
+        for subscriber, batch in batches.items():
+            if len(batch) == 1:
+                subscriber.on_post(batch[0])
+            else:
+                subscriber.on_posts(batch)
 
     # --- the seam ------------------------------------------------------------------------------
 
