@@ -158,9 +158,10 @@ class BatchRecordingSubscriber(QuietSubscriber):
 @pytest.mark.parametrize("fanout_mode", ["process"], indirect=True)
 @pytest.mark.gen_test(timeout=30)
 async def test_posts_read_in_one_turn_reach_a_subscriber_together_and_in_order(service):
-    """Process mode fans out what one read from the broker brought at the end of the loop
-    turn, each subscriber's posts together (FeedSession.on_posts writes them with one send):
-    of two authors, in the order published, each once, and nothing of an author not followed."""
+    """Process mode fans out the first message of a loop turn at once and the ones after it,
+    from the same read of the broker, at the turn's end, each subscriber's posts together
+    (FeedSession.on_posts writes them with one send): of two authors, in the order published,
+    each once, and nothing of an author not followed."""
     fanout = ProcessFanout(service.broker)
     await fanout._set_up(service.broker.connection)
     try:

@@ -532,3 +532,38 @@ def test_posts_delivered_together_before_the_feed_is_live_are_held_in_order():
 
     socket = asyncio.run(scenario())
     assert [json.loads(websocket_payload(w))["post"]["id"] for w in socket.writes] == [21, 22, 20]
+
+
+class WritesPending(WritesRecorded):
+    """A socket whose kernel buffer is full: every write waits, until `drain`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[asyncio.Future] = []
+
+    def write_prebuilt(self, frame: bytes) -> asyncio.Future:
+        super().write_prebuilt(frame)
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+    def drain(self) -> None:
+        for written in self.pending:
+            written.set_result(None)
+
+
+def test_posts_written_together_count_toward_the_slow_client_bound_one_frame_each():
+    """The 4008 bound counts frames not yet taken by the client: a write of three posts
+    together counts three, and gives them back once it has left."""
+
+    async def scenario() -> tuple[int, int, int]:
+        socket = WritesPending()
+        session = live_session(socket, Metrics(), {7})
+        session.on_posts([Delivery(v, 7, post_frame({"id": v}), None) for v in (31, 32, 33)])
+        waiting = session._unsent_frames, session._unsent_bytes
+        socket.drain()
+        await asyncio.sleep(0)  # the done callbacks
+        return *waiting, session._unsent_frames
+
+    frames, size, after = asyncio.run(scenario())
+    assert (frames, after) == (3, 0)
+    assert size > 3 * len(post_frame({"id": 31}))  # the frames with their headers
