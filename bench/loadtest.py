@@ -43,7 +43,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from bench.lib import ceilings, compare, options, report
 from bench.lib.population import build_population
-from bench.lib.processes import run_tool
+from bench.lib.processes import REPO, run_tool
 from bench.lib.service_run import ServiceRun, phase_authors
 from feed_app.config import MODES
 
@@ -103,6 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " [session]",
     )
     target.add_argument("--workers", type=int, default=1, help="run.py --workers [1]")
+    target.add_argument(
+        "--run-py",
+        type=pathlib.Path,
+        default=REPO / "run.py",
+        help="the service to start: another checkout's run.py measures that version with this"
+        " client (give it a --db-dsn of its own when its schema differs) [this checkout's]",
+    )
     options.running_service_options(target)
     target.add_argument(
         "--truncate",
@@ -177,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--change-share is a fraction: 0 <= share < 1")
     if args.saturate and (args.step_factor <= 1 or args.max_steps < 1):
         parser.error("--saturate needs --step-factor > 1 and --max-steps >= 1")
+    args.run_py = args.run_py.resolve()
     if args.url and args.fanout == "both":
         parser.error("--fanout both starts the service in each mode: not with --url")
     return args

@@ -82,6 +82,11 @@ class Subscriber(Protocol):
         process, so a slow socket holds back its own queue only), else None: the kernel took it
         at once, or it is not written."""
 
+    def on_posts(self, deliveries: list[Delivery]) -> None:
+        """Several live posts at once, in the order they arrived (process mode, when one read
+        from the broker brought more than one for this subscriber): as on_post for each, with
+        the frames written together."""
+
     def on_follow_change(self, author_id: int) -> None:
         """The user's follow of this author changed, on some instance."""
 

@@ -172,7 +172,8 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         """Write a whole websocket frame built beforehand (wire.websocket_text_frame), as it is:
         None once the kernel has taken it all, else the pending write (see send_or_buffer)."""
         connection = self.ws_connection
-        if connection is None or connection.is_closing():
+        # is_closing() without its stream.closed(): send_or_buffer checks that once.
+        if connection is None or connection.client_terminated or connection.server_terminated:
             raise tornado.websocket.WebSocketClosedError()
         try:
             return send_or_buffer(connection.stream, frame)

@@ -2,6 +2,7 @@
 
 import asyncio
 import secrets
+import time
 
 import pytest
 
@@ -16,6 +17,9 @@ class QuietSubscriber:
 
     def on_post(self, delivery):
         return None
+
+    def on_posts(self, deliveries) -> None:
+        pass
 
     def on_follow_change(self, author_id) -> None:
         pass
@@ -130,3 +134,51 @@ async def test_an_unbind_due_after_the_broker_stopped_is_let_go(service, monkeyp
     finally:
         loop.set_exception_handler(None)
     assert errors == []
+
+
+class BatchRecordingSubscriber(QuietSubscriber):
+    """Records each call: on_post as a batch of one. The first post blocks the event loop for a
+    moment, as a long burst would, so that what the broker delivers meanwhile piles up in the
+    connection's socket and is read at once."""
+
+    def __init__(self, user_id: int) -> None:
+        super().__init__(user_id)
+        self.calls: list[list[int]] = []
+
+    def on_post(self, delivery):
+        if not self.calls:
+            time.sleep(0.3)
+        self.calls.append([delivery.version])
+        return None
+
+    def on_posts(self, deliveries) -> None:
+        self.calls.append([delivery.version for delivery in deliveries])
+
+
+@pytest.mark.parametrize("fanout_mode", ["process"], indirect=True)
+@pytest.mark.gen_test(timeout=30)
+async def test_posts_read_in_one_turn_reach_a_subscriber_together_and_in_order(service):
+    """Process mode fans out the first message of a loop turn at once and the ones after it,
+    from the same read of the broker, at the turn's end, each subscriber's posts together
+    (FeedSession.on_posts writes them with one send): of two authors, in the order published,
+    each once, and nothing of an author not followed."""
+    fanout = ProcessFanout(service.broker)
+    await fanout._set_up(service.broker.connection)
+    try:
+        base = 10**13 + secrets.randbelow(10**12)
+        first, second, other = base, base + 1, base + 2
+        subscriber = BatchRecordingSubscriber(base - 1)
+        await fanout.attach(subscriber, [first, second])
+        await fanout.attach(QuietSubscriber(base - 2), [other])
+        authors = [first, first, other, second, first, second]
+        confirms = [
+            service.broker.publish_post(author, version, post_frame({"id": version}), 0)
+            for version, author in enumerate(authors, start=base)
+        ]
+        await asyncio.gather(*confirms)
+        followed = [v for v, a in enumerate(authors, start=base) if a != other]
+        await wait_until(lambda: sum(map(len, subscriber.calls)) == len(followed))
+        assert [v for call in subscriber.calls for v in call] == followed
+        assert max(map(len, subscriber.calls)) > 1  # read while the loop was blocked: together
+    finally:
+        fanout.on_broker_lost()

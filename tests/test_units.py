@@ -24,7 +24,7 @@ from feed_app.feed_socket import send_or_buffer
 from feed_app.horizon import HorizonClock
 from feed_app.limits import LimitExceeded, SlowRefusals, TokenBuckets, address_key
 from feed_app.metrics import Metrics
-from feed_app.sessions import FeedSession, SeenPosts
+from feed_app.sessions import FeedSession, SeenPosts, SessionPhase
 from feed_app.wire import post_frame
 
 
@@ -439,3 +439,131 @@ def test_send_or_buffer_leaves_other_streams_to_their_own_write():
         peer.close()
 
     asyncio.run(scenario())
+
+
+class WritesRecorded(WrittenAtOnce):
+    """Keeps each write as it came: one write may carry several whole frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write_prebuilt(self, frame: bytes) -> None:
+        self.writes.append(frame)
+
+
+def live_session(socket, metrics: Metrics, following: set[int]) -> FeedSession:
+    session = FeedSession(
+        99,
+        socket,
+        db=None,
+        fanout=BoundAtOnce(),
+        metrics=metrics,
+        settings=Settings(),
+        on_closed=lambda _: None,
+    )
+    session.following = following
+    session._enter(SessionPhase.SYNCING)
+    session._release_held()  # live, with nothing held
+    return session
+
+
+def whole_frames(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked websocket frames one after another in data."""
+    payloads = []
+    while data:
+        size = data[1] & 0x7F
+        start = {126: 4, 127: 10}.get(size, 2)
+        if size >= 126:
+            size = int.from_bytes(data[2:start], "big")
+        payloads.append(data[start : start + size])
+        data = data[start + size :]
+    return payloads
+
+
+def test_posts_delivered_together_go_out_in_one_write_each_once_in_order():
+    """FeedSession.on_posts (process mode, several posts from one read of the broker): the ones
+    the feed shows and has not sent, in their order, as whole frames in one write; a post of an
+    author not followed and a duplicate are left out, as on_post leaves them out."""
+    followed, other, own = 7, 8, 99
+
+    def delivery(version: int, author: int) -> Delivery:
+        return Delivery(version, author, post_frame({"id": version}), None)
+
+    async def scenario() -> tuple[WritesRecorded, Metrics]:
+        socket, metrics = WritesRecorded(), Metrics()
+        session = live_session(socket, metrics, {followed})
+        session.on_post(delivery(10, followed))
+        batch = [(11, followed), (12, other), (10, followed), (13, own), (14, followed)]
+        session.on_posts([delivery(v, a) for v, a in batch])
+        return socket, metrics
+
+    socket, metrics = asyncio.run(scenario())
+    assert len(socket.writes) == 2
+    assert [json.loads(frame)["post"]["id"] for frame in whole_frames(socket.writes[1])] == [
+        11,
+        13,
+        14,
+    ]
+    assert metrics.deliveries == 4
+
+
+def test_posts_delivered_together_before_the_feed_is_live_are_held_in_order():
+    """Before its first sync has sent the history, a session holds live posts; ones delivered
+    together are held like ones delivered alone, and written in their order once it is live."""
+
+    async def scenario() -> WritesRecorded:
+        socket = WritesRecorded()
+        session = FeedSession(
+            99,
+            socket,
+            db=None,
+            fanout=BoundAtOnce(),
+            metrics=Metrics(),
+            settings=Settings(),
+            on_closed=lambda _: None,
+        )
+        session.following = {7}
+        session._enter(SessionPhase.SYNCING)
+        session.on_posts([Delivery(v, 7, post_frame({"id": v}), None) for v in (21, 22, 20)])
+        assert socket.writes == []
+        session._release_held()
+        return socket
+
+    socket = asyncio.run(scenario())
+    assert [json.loads(websocket_payload(w))["post"]["id"] for w in socket.writes] == [21, 22, 20]
+
+
+class WritesPending(WritesRecorded):
+    """A socket whose kernel buffer is full: every write waits, until `drain`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[asyncio.Future] = []
+
+    def write_prebuilt(self, frame: bytes) -> asyncio.Future:
+        super().write_prebuilt(frame)
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+    def drain(self) -> None:
+        for written in self.pending:
+            written.set_result(None)
+
+
+def test_posts_written_together_count_toward_the_slow_client_bound_one_frame_each():
+    """The 4008 bound counts frames not yet taken by the client: a write of three posts
+    together counts three, and gives them back once it has left."""
+
+    async def scenario() -> tuple[int, int, int]:
+        socket = WritesPending()
+        session = live_session(socket, Metrics(), {7})
+        session.on_posts([Delivery(v, 7, post_frame({"id": v}), None) for v in (31, 32, 33)])
+        waiting = session._unsent_frames, session._unsent_bytes
+        socket.drain()
+        await asyncio.sleep(0)  # the done callbacks
+        return *waiting, session._unsent_frames
+
+    frames, size, after = asyncio.run(scenario())
+    assert (frames, after) == (3, 0)
+    assert size > 3 * len(post_frame({"id": 31}))  # the frames with their headers

@@ -163,6 +163,7 @@ def _common_phase_rows(
             f"{_fmt(d['achieved_per_s'])} / {_fmt(d['expected_per_s'])}",
         ),
         ("create->receive p50/p95/p99/max", _percentiles(phase["latency_ms"])),
+        ("create->write p50/p95/p99 (service)", _service_latency(phase.get("service_latency_ms"))),
         ("LOST (open sessions)", _fmt(d["lost"])),
         ("DUPLICATED", _fmt(d["duplicated"])),
         ("undelivered to closed sessions", _fmt(d["lost_to_closed_sessions"])),
@@ -170,6 +171,14 @@ def _common_phase_rows(
         ("frames of other posts (history)", _fmt(d["history_frames"])),
         ("errors", _errors(phase["errors"])),
     ]
+
+
+def _service_latency(found: dict[str, Any] | None) -> str:
+    """The service's own histogram, interpolated in its buckets ('-': no reading)."""
+    if not found:
+        return "-"
+    values = " / ".join(_fmt(found.get(p)) for p in ("p50", "p95", "p99"))
+    return f"{values} ms (its buckets)"
 
 
 def _saturation_rows(search: dict[str, Any]) -> list[tuple[str, str]]:

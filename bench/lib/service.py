@@ -83,6 +83,44 @@ async def read_metrics(url: str, names: Collection[str]) -> dict[str, float] | N
     return values
 
 
+async def read_histogram(url: str, name: str) -> dict[float, float] | None:
+    """A histogram's cumulative bucket counts from an instance's /metrics, by upper bound in
+    seconds (inf for +Inf); None if it did not answer."""
+    try:
+        response = await AsyncHTTPClient().fetch(f"{url}/metrics", request_timeout=5)
+    except (HTTPClientError, OSError):
+        return None
+    buckets = {}
+    prefix = f'{name}_bucket{{le="'
+    for line in response.body.decode().splitlines():
+        if line.startswith(prefix):
+            bound, _, value = line[len(prefix) :].partition('"} ')
+            buckets[float(bound)] = float(value)
+    return buckets
+
+
+def histogram_percentiles(
+    before: dict[float, float], after: dict[float, float], quantiles: Sequence[float]
+) -> dict[str, float | None]:
+    """Percentiles (ms) of what a histogram counted between two readings, interpolated linearly
+    inside a bucket as Prometheus's histogram_quantile does (so only as fine as its buckets);
+    None for one in the +Inf bucket."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    found: dict[str, float | None] = {"count": counts[-1] if counts else 0}
+    for q in quantiles:
+        rank, lower, below, value = q * found["count"], 0.0, 0.0, None
+        for bound, cumulative in zip(bounds, counts, strict=True):
+            if cumulative >= rank > 0:
+                if bound != float("inf"):
+                    inside = (rank - below) / (cumulative - below)
+                    value = round((lower + (bound - lower) * inside) * 1000, 2)
+                break
+            lower, below = bound, cumulative
+        found[f"p{q * 100:g}"] = value
+    return found
+
+
 async def attach(args: argparse.Namespace) -> Target:
     """The instances given with --url (options.running_service_options), once they are ready."""
     secret = args.jwt_secret or os.environ.get("FEED_JWT_SECRET") or DEV_JWT_SECRET
@@ -99,15 +137,18 @@ async def start_service(
     settings: dict[str, str],
     log_path: pathlib.Path,
     args: Sequence[str] = (),
+    run_py: pathlib.Path = REPO / "run.py",
 ) -> Target:
     """run.py on a free port of 127.0.0.1 with a random JWT secret and these FEED_* settings
-    (none from this environment) and run.py arguments; returns once it is ready."""
+    (none from this environment) and run.py arguments; returns once it is ready. `run_py` may be
+    another checkout's, to measure two versions of the service with the same client; it runs in
+    its own directory."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEED_")}
     env.update(FEED_DB_DSN=db_dsn, FEED_AMQP_URL=amqp_url, FEED_JWT_SECRET=secrets.token_hex(32))
     env.update(settings)
-    argv = [sys.executable, str(REPO / "run.py"), "--host", "127.0.0.1", "--port", str(port)]
-    service = ManagedProcess("the service", [*argv, *args], log_path, env=env, cwd=REPO)
+    argv = [sys.executable, str(run_py), "--host", "127.0.0.1", "--port", str(port)]
+    service = ManagedProcess("the service", [*argv, *args], log_path, env=env, cwd=run_py.parent)
     url = f"http://127.0.0.1:{port}"
     await wait_ready(url, 60, service)
     return Target([url], env["FEED_JWT_SECRET"], process=service)

@@ -20,7 +20,15 @@ from bench.lib.population import Population, choose_authors, seed_database
 from bench.lib.posting import Plan, PostingPhase, Service
 from bench.lib.processes import scan_log
 from bench.lib.procstats import CpuMeter, processes_named, rabbitmq_snapshot, rss_bytes
-from bench.lib.service import UNLIMITED, Target, attach, read_metrics, start_service
+from bench.lib.service import (
+    UNLIMITED,
+    Target,
+    attach,
+    histogram_percentiles,
+    read_histogram,
+    read_metrics,
+    start_service,
+)
 
 SERVICE_METRICS = (
     "feed_deliveries_total",
@@ -30,6 +38,7 @@ SERVICE_METRICS = (
     "feed_open_sessions",
     "feed_outbox_backlog",
 )
+LATENCY_HISTOGRAM = "feed_create_to_send_seconds"
 
 
 def phase_authors(population: Population, rate: float, duration: float, args: Any) -> list[int]:
@@ -107,7 +116,9 @@ class ServiceRun:
         run_args = ["--workers", str(args.workers), "--fanout", self.mode]
         self.say(f"starting the service: run.py {' '.join(run_args)}")
         settings = {**UNLIMITED, **dict(args.service_env)}
-        return await start_service(args.db_dsn, args.amqp_url, settings, self.log_path, run_args)
+        return await start_service(
+            args.db_dsn, args.amqp_url, settings, self.log_path, run_args, args.run_py
+        )
 
     async def seed(self) -> None:
         started = time.monotonic()
@@ -184,7 +195,19 @@ class ServiceRun:
             change_share=args.change_share,
         )
         service = Service(self.target.urls, self.target.pids, self.target.pids_known, self.token)
-        return await PostingPhase(service, self.clients, self.fan_out, plan, quiet=args.quiet).run()
+        url = self.target.url  # one process answers for all of a URL's workers
+        before = await read_histogram(url, LATENCY_HISTOGRAM)
+        posting = PostingPhase(service, self.clients, self.fan_out, plan, quiet=args.quiet)
+        phase = await posting.run()
+        after = await read_histogram(url, LATENCY_HISTOGRAM)
+        # From the post's creation to its write on a socket: the service's own share of the
+        # client's create->receive. Only the first URL's instance, when there are several.
+        phase["service_latency_ms"] = (
+            histogram_percentiles(before, after, (0.5, 0.95, 0.99))
+            if before is not None and after
+            else None
+        )
+        return phase
 
     async def find_saturation(self) -> dict[str, Any]:
         args = self.args

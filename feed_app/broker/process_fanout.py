@@ -36,7 +36,7 @@ from feed_app.broker.channel import Channel
 from feed_app.broker.connection import AMQP_FAILURES, Broker
 from feed_app.broker.fanout_base import BrokerFanout
 from feed_app.broker.once_per_turn import OncePerTurn
-from feed_app.fanout import BrokerUnavailable, Subscriber
+from feed_app.fanout import BrokerUnavailable, Delivery, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ class ProcessFanout(BrokerFanout):
         self._setup: Channel | None = None
         self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
         self._flush = OncePerTurn(self._bind_asked)
+        # Messages that came after the first of this loop turn, in order, for its end.
+        self._arrived: list[tuple[KeyState, Delivery | messages.FollowChange]] = []
+        self._turn_busy = False  # a message was fanned out in this turn
+        self._fan_out = OncePerTurn(self._fan_out_arrived)
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
         self._healing: asyncio.TimerHandle | None = None
@@ -182,17 +186,57 @@ class ProcessFanout(BrokerFanout):
             return  # from before a reconnect
         channel.ack_through(method.delivery_tag)
         route = self._routes.get(method.routing_key)
-        subscribers = route.subscribers if route is not None else None
-        if not subscribers:
+        if route is None or not route.subscribers:
             return  # an author nobody here follows any more (its unbind is on its way)
         message = messages.decode(method, properties, body)
+        if message is None:
+            return
+        if self._turn_busy:
+            self._arrived.append((route, message))
+            return
+        # The first message of a turn goes out at once, as a lone post should; what comes after
+        # it in the same turn waits for the turn's end (_fan_out_arrived).
+        self._turn_busy = True
+        self._fan_out.ask()
+        self._fan_out_one(route, message)
+
+    def _fan_out_one(self, route: KeyState, message: Delivery | messages.FollowChange) -> None:
+        # A tuple: a subscriber may close (and leave the set) while it is being written to.
         if isinstance(message, messages.FollowChange):
-            for subscriber in tuple(subscribers):
+            for subscriber in tuple(route.subscribers):
                 subscriber.on_follow_change(message.author_id)
-        elif message is not None:
-            # A tuple: a subscriber may close (and leave the set) while it is being written to.
-            for subscriber in tuple(subscribers):
+        else:
+            for subscriber in tuple(route.subscribers):
                 subscriber.on_post(message)
+
+    def _fan_out_arrived(self) -> None:
+        """Fan out what arrived after the turn's first message. pika hands over every message
+        of one read in one turn; when that is several posts (a burst, or a process that fell
+        behind), each socket gets the frames of all of them in one write instead of one each.
+        Runs before anything the next turn reads, so every socket gets posts in arrival order."""
+        self._turn_busy = False
+        arrived, self._arrived = self._arrived, []
+        if len(arrived) == 1:
+            self._fan_out_one(*arrived[0])
+            return
+        batches: dict[Subscriber, list[Delivery]] = {}
+        for route, message in arrived:
+            subscribers = tuple(route.subscribers)
+            if isinstance(message, messages.FollowChange):
+                for subscriber in subscribers:
+                    subscriber.on_follow_change(message.author_id)
+            else:
+                for subscriber in subscribers:
+                    batch = batches.get(subscriber)
+                    if batch is None:
+                        batches[subscriber] = [message]
+                    else:
+                        batch.append(message)
+        for subscriber, batch in batches.items():
+            if len(batch) == 1:
+                subscriber.on_post(batch[0])
+            else:
+                subscriber.on_posts(batch)
 
     # --- the seam ------------------------------------------------------------------------------
 
