@@ -247,12 +247,7 @@ class FeedSession:
             for delivery in deliveries:
                 self.on_post(delivery)
             return
-        shown = [
-            delivery
-            for delivery in deliveries
-            if (delivery.author_id in self.following or delivery.author_id == self.user_id)
-            and self.seen.add(delivery.version)
-        ]
+        shown = [delivery for delivery in deliveries if self._shows(delivery)]
         if len(shown) <= 1:
             if shown:
                 self._write(shown[0])
@@ -399,12 +394,14 @@ class FeedSession:
     # --- live posts ----------------------------------------------------------------------------
 
     def _deliver(self, delivery: Delivery) -> asyncio.Future | None:
+        return self._write(delivery) if self._shows(delivery) else None
+
+    def _shows(self, delivery: Delivery) -> bool:
+        """Whether the post is this feed's and new to it; counts it as seen if so."""
         author = delivery.author_id
         if author not in self.following and author != self.user_id:
-            return None
-        if not self.seen.add(delivery.version):
-            return None
-        return self._write(delivery)
+            return False
+        return self.seen.add(delivery.version)
 
     def _write(self, delivery: Delivery) -> asyncio.Future | None:
         """Write a post the session has just counted as seen."""
