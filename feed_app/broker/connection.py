@@ -38,13 +38,16 @@ import pika.frame
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 from feed_app import wire
-from feed_app.broker import messages
+from feed_app.broker import messages, one_send_per_turn
 from feed_app.broker.channel import Channel
 from feed_app.broker.nodes import NodeList
 from feed_app.config import redact_url
 from feed_app.fanout import BrokerListener, BrokerUnavailable
 
 log = logging.getLogger(__name__)
+
+# Every plain-TCP connection of the process sends what a loop turn wrote with one send().
+one_send_per_turn.install()
 
 BACKOFF_FIRST, BACKOFF_CAP = 0.25, 5.0  # seconds; full jitter in between
 # Seconds a node has to answer the opening of a connection (channels, confirms), and to answer
