@@ -8,7 +8,9 @@ raised: this measures the write path, not the limits), then for each poster coun
 concurrent clients, each posting as a user of its own, one POST /post/create after another,
 spread over the instances in turn, for --duration seconds after a warm-up. It prints posts/s, the
 latency of a POST (p50, p99), and the CPU each post cost the service, PostgreSQL and RabbitMQ.
-Every post is committed (201) or counted as an error.
+Every post is committed (201) or counted as an error. Each poster keeps its connection alive
+(curl_httpclient), as a browser does; --client new-connections opens one per POST (Tornado's
+simple client), which adds the service's accept and close to every post.
 
 Nothing but the posts is measured here: no feed socket is open, so delivery costs nothing. The
 instances, PostgreSQL, RabbitMQ and this client share the machine's cores. PostgreSQL's CPU is
@@ -55,6 +57,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     service = options.service_options(parser, database=False)
     service.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
+    parser.add_argument(
+        "--client",
+        choices=["keep-alive", "new-connections"],
+        default="keep-alive",
+        help="keep-alive (curl_httpclient, as browsers and HAProxy do) or a new TCP connection "
+        "per POST (Tornado's simple client): the difference is the accept/close cost",
+    )
     return parser.parse_args()
 
 
@@ -181,7 +190,8 @@ async def measure(instances: Instances, posters: int, duration: float, warmup: f
 
 
 async def measure_all(args: argparse.Namespace) -> None:
-    AsyncHTTPClient.configure(None, max_clients=max(args.posters) * 2)
+    client = "tornado.curl_httpclient.CurlAsyncHTTPClient" if args.client == "keep-alive" else None
+    AsyncHTTPClient.configure(client, max_clients=max(args.posters) * 2)
     print(
         f"{'instances':>9} {'posters':>7} {'posts/s':>8} {'p50 ms':>7} {'p99 ms':>7} errors"
         "   CPU ms per post: service postgres rabbitmq"

@@ -17,6 +17,7 @@ from feed_app.broker import Broker, HeartbeatLink, make_fanout
 from feed_app.config import Settings, trusted_networks
 from feed_app.db import Database
 from feed_app.feed_socket import FeedSocketHandler
+from feed_app.group_commit import GroupCommit
 from feed_app.limits import Limits
 from feed_app.metrics import Exporter, Metrics
 from feed_app.path_check import PathCheck, PathState
@@ -44,6 +45,7 @@ class Service:
         )
         self.metrics = metrics
         self.relay = OutboxRelay(db, broker, metrics, settings.outbox_lease)
+        self.posts = GroupCommit(db, settings.outbox_lease, self.relay.publish, metrics)
         self.path_check = PathCheck(
             wire.process_id(),
             db,

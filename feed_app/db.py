@@ -477,17 +477,27 @@ class Database:
     # posts
 
     async def insert_post(self, author_id: int, text: str, lease: float) -> Post:
-        """Store a post and its outbox row in one transaction (create_post(), in the schema).
-        The id comes from a sequence: nothing is locked beyond the two rows written."""
+        """Store one post and its outbox row (insert_posts with a batch of one); UnknownUser
+        when the author does not exist."""
+        [post] = await self.insert_posts([(author_id, text)], lease)
+        if post is None:
+            raise UnknownUser(f"user {author_id} does not exist")
+        return post
+
+    async def insert_posts(self, posts: list[tuple[int, str]], lease: float) -> list[Post | None]:
+        """Store several posts, each with its outbox row, in one statement and one transaction
+        (create_posts(), in the schema). Returns each post in the order given, or None where
+        its author does not exist: that post is left out and the others are stored."""
         sql = f"""
-            SELECT {_POST_ROW} FROM create_post(%(author)s, %(text)s, %(lease)s) p
-            {_JOIN_AUTHOR}"""
-        params = {"author": author_id, "text": text, "lease": lease}
-        try:
-            [row] = await self._run(sql, params, retry=False)
-        except psycopg2.errors.ForeignKeyViolation as exc:
-            raise UnknownUser(f"user {author_id} does not exist") from exc
-        return Post(*row)
+            SELECT c.slot, {_POST_ROW}
+            FROM create_posts(%(authors)s, %(texts)s, %(lease)s) c,
+                LATERAL (SELECT (c.post).*) p {_JOIN_AUTHOR}"""
+        authors = [author for author, _ in posts]
+        params = {"authors": authors, "texts": [text for _, text in posts], "lease": lease}
+        stored: list[Post | None] = [None] * len(posts)
+        for slot, *row in await self._run(sql, params, retry=False):
+            stored[slot - 1] = Post(*row)
+        return stored
 
     async def change_post(
         self, post_id: int, author_id: int, text: str | None, lease: float

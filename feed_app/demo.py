@@ -74,7 +74,7 @@ def seed_demo(dsn: str) -> None:
                 (ids[follower], ids[author]),
             )
         if not existing:
-            # Oldest first, so that ids (from the sequence, as create_post takes them) follow
+            # Oldest first, so that ids (from the sequence, as create_posts takes them) follow
             # time. No outbox row: nobody is connected yet; sessions read history from the
             # database.
             for author, text, hours_ago in sorted(DEMO_POSTS, key=lambda post: -post[2]):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from feed_app.config import Settings
     from feed_app.db import Database, Post
     from feed_app.fanout import Fanout
+    from feed_app.group_commit import GroupCommit
     from feed_app.limits import Limits
     from feed_app.metrics import Exporter
     from feed_app.path_check import PathCheck
@@ -58,6 +59,7 @@ class Service(Protocol):
     db: Database
     limits: Limits
     relay: OutboxRelay
+    posts: GroupCommit
     fanout: Fanout
     broker: Broker
     path_check: PathCheck
@@ -211,9 +213,7 @@ class CreatePostHandler(BaseHandler):
         text = self.json_body({"text": str})["text"]
         _check_post_text(text)
         await self.service.limits.post(author)
-        relay = self.service.relay
-        post = await self.db.insert_post(author, text, relay.lease)
-        relay.publish(post)
+        post = await self.service.posts.create(author, text)
         self.set_status(201)
         self.finish(post.to_json())
 

@@ -39,6 +39,11 @@ LATENCY_BOUNDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5]
 COUNTERS = {
     "deliveries": ("feed_deliveries_total", "posts written to feed sockets"),
     "publishes": ("feed_publishes_total", "posts confirmed by the broker"),
+    "posts_created": ("feed_posts_created_total", "posts committed"),
+    "post_commits": (
+        "feed_post_commits_total",
+        "transactions that committed new posts (group commit: several posts each)",
+    ),
     "broker_reconnects": ("feed_broker_reconnects_total", "AMQP reconnections"),
     "slow_client_closes": ("feed_slow_client_closes_total", "sockets closed with 4008"),
     "password_hashes": ("feed_password_hashes_total", "scrypt hashes computed"),
@@ -86,6 +91,8 @@ class Metrics:
         # Creation time (ms) -> writes of it in this loop turn, for delivery_latency.
         self._written: dict[int, int] = {}
         self.publishes = 0
+        self.posts_created = 0
+        self.post_commits = 0
         self.broker_reconnects = 0
         self.slow_client_closes = 0
         self.password_hashes = 0

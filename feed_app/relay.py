@@ -2,7 +2,7 @@
 whatever fails in between.
 
 A change and its outbox row, keyed by the change's version, are committed together
-(db.insert_post, db.change_post). The process that wrote them publishes at once (the fast path)
+(db.insert_posts, db.change_post). The process that wrote them publishes at once (the fast path)
 and deletes the row when the broker confirms. What is left over
 is found by the sweep: the rows this process failed to publish (the broker was down, the confirm
 never came), at once when the broker is back, and anybody's rows whose lease ran out (their

@@ -24,7 +24,13 @@ LAYERS = [
     ),
     (
         "feeds",
-        {"feed_app.sessions", "feed_app.relay", "feed_app.path_check", "feed_app.revocations"},
+        {
+            "feed_app.sessions",
+            "feed_app.relay",
+            "feed_app.group_commit",
+            "feed_app.path_check",
+            "feed_app.revocations",
+        },
     ),
     ("demo data", {"feed_app.demo"}),
     ("HTTP toolkit", {"feed_app.httpkit"}),

@@ -83,6 +83,8 @@ async def test_every_worker_answers_with_the_sum_of_all_workers(processes, setti
         "feed_deliveries_total": posts * len(feeds),
         "feed_create_to_send_seconds_count": posts * len(feeds),
         "feed_publishes_total": posts,
+        "feed_posts_created_total": posts,
+        "feed_post_commits_total": posts,  # one after another: a batch each
         "feed_password_hashes_total": 4,  # two registrations, two logins
         "feed_workers": 2,
         "feed_fanout_subscribers": len(feeds),

@@ -1,0 +1,83 @@
+"""Group commit of new posts: the posts a process is asked for while it waits on PostgreSQL go
+in together, one statement and one commit for the lot (db.insert_posts, sql/008_create_posts.sql).
+
+A post asked for when no batch is at PostgreSQL waits only for the end of the current event-loop
+turn, so that posts whose requests were read in the same turn share its commit. While
+MOST_IN_FLIGHT batches are at PostgreSQL, new posts gather and go as the next batch when one of
+them returns: the busier the process, the larger the batches, and each post waits at most for
+the batch ahead of it. A post whose author does not exist fails alone (UnknownUser); a statement
+that fails (DatabaseUnavailable) fails every post of its batch, none of which was committed.
+
+Each stored post is handed to `on_stored` (the outbox relay's fast path) as soon as its batch
+returns, before its request is answered, so that a request abandoned meanwhile changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from feed_app.db import Database, Post, UnknownUser
+from feed_app.metrics import Metrics
+
+# Batches at PostgreSQL at once. More than one keeps a slow commit from holding every new post;
+# few keeps the batches large.
+MOST_IN_FLIGHT = 2
+MOST_PER_BATCH = 200  # bounds one statement's size and its transaction's length
+
+
+class GroupCommit:
+    def __init__(
+        self, db: Database, lease: float, on_stored: Callable[[Post], None], metrics: Metrics
+    ) -> None:
+        self.db = db
+        self.lease = lease
+        self.on_stored = on_stored
+        self.metrics = metrics
+        self._waiting: list[tuple[int, str, asyncio.Future[Post]]] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def create(self, author_id: int, text: str) -> Post:
+        """Store a post with its outbox row; returns it once committed."""
+        future: asyncio.Future[Post] = asyncio.get_running_loop().create_future()
+        self._waiting.append((author_id, text, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+        return await future
+
+    def _send(self) -> None:
+        """Send what waits as batches, as far as MOST_IN_FLIGHT allows; the rest goes when a
+        batch returns."""
+        self._scheduled = False
+        while self._waiting and self._in_flight < MOST_IN_FLIGHT:
+            batch = self._waiting[:MOST_PER_BATCH]
+            del self._waiting[:MOST_PER_BATCH]
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._store(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _store(self, batch: list[tuple[int, str, asyncio.Future[Post]]]) -> None:
+        try:
+            posts = await self.db.insert_posts([(a, t) for a, t, _ in batch], self.lease)
+        except Exception as exc:  # every request of the batch answers with it (503 or 500)
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            self._in_flight -= 1
+            self._send()
+        self.metrics.post_commits += 1
+        for (author_id, _, future), post in zip(batch, posts, strict=True):
+            if post is None:
+                if not future.done():
+                    future.set_exception(UnknownUser(f"user {author_id} does not exist"))
+                continue
+            self.metrics.posts_created += 1
+            self.on_stored(post)
+            if not future.done():
+                future.set_result(post)
