@@ -134,13 +134,15 @@ class Service:
 
     async def stop(self) -> None:
         """Graceful shutdown within settings.shutdown_timeout: stop accepting, close feed sockets
-        with 1001 (clients reconnect elsewhere), flush the outbox, close broker and pool."""
+        with 1001 (clients reconnect elsewhere), let the posts at PostgreSQL commit, flush the
+        outbox, close broker and pool."""
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.stopping = True
         if self.server:
             self.server.stop()
         for session in list(self.sessions):
             session.close(Close.GOING_AWAY)
+        await self.posts.stop(max(0.1, deadline - time.monotonic()))
         try:
             await self.relay.flush(deadline)
         except Exception as exc:  # shutdown goes on; the lease hands leftovers to another process

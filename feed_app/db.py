@@ -218,7 +218,7 @@ class Database:
     """The process's connection pool and the queries the service runs.
 
     aiopg runs in autocommit mode, so each helper is one statement and one transaction; where two
-    things must happen atomically they are one statement (see insert_post).
+    things must happen atomically they are one statement (see insert_posts).
     """
 
     def __init__(self, pool: aiopg.Pool) -> None:
@@ -279,6 +279,13 @@ class Database:
                     cur._transaction = None
         except asyncio.TimeoutError as exc:
             raise DatabaseUnavailable(f"no answer within {QUERY_TIMEOUT} s") from exc
+        except asyncio.CancelledError as exc:
+            # aiopg turns a statement the server cancelled (pg_cancel_backend, statement_timeout,
+            # lock_timeout) into CancelledError: that is a failed statement, not a cancelled task.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise DatabaseUnavailable("the statement was cancelled by the server") from exc
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             await self.pool.clear()
             if retry:
@@ -475,14 +482,6 @@ class Database:
         return set(login_ids), read_at
 
     # posts
-
-    async def insert_post(self, author_id: int, text: str, lease: float) -> Post:
-        """Store one post and its outbox row (insert_posts with a batch of one); UnknownUser
-        when the author does not exist."""
-        [post] = await self.insert_posts([(author_id, text)], lease)
-        if post is None:
-            raise UnknownUser(f"user {author_id} does not exist")
-        return post
 
     async def insert_posts(self, posts: list[tuple[int, str]], lease: float) -> list[Post | None]:
         """Store several posts, each with its outbox row, in one statement and one transaction

@@ -5,11 +5,17 @@ A post asked for when no batch is at PostgreSQL waits only for the end of the cu
 turn, so that posts whose requests were read in the same turn share its commit. While
 MOST_IN_FLIGHT batches are at PostgreSQL, new posts gather and go as the next batch when one of
 them returns: the busier the process, the larger the batches, and each post waits at most for
-the batch ahead of it. A post whose author does not exist fails alone (UnknownUser); a statement
-that fails (DatabaseUnavailable) fails every post of its batch, none of which was committed.
+the batch ahead of it. A post whose author does not exist fails alone (UnknownUser).
+
+A statement that fails (DatabaseUnavailable: unreachable, too slow, cancelled by the server)
+fails every post of its batch, and every post waiting behind it: they would meet the same
+server, and without this a silent PostgreSQL would answer the posts gathered behind two batches
+only after two more timeouts each. After a timeout the batch's fate is unknown, as a single
+statement's is: PostgreSQL may still commit it (docs/delivery.md).
 
 Each stored post is handed to `on_stored` (the outbox relay's fast path) as soon as its batch
-returns, before its request is answered, so that a request abandoned meanwhile changes nothing.
+returns, in the same callback that answers its request, so that a request abandoned meanwhile
+changes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from feed_app.db import Database, Post, UnknownUser
+from feed_app.db import Database, DatabaseUnavailable, Post, UnknownUser
 from feed_app.metrics import Metrics
 
 # Batches at PostgreSQL at once. More than one keeps a slow commit from holding every new post;
@@ -38,15 +44,26 @@ class GroupCommit:
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
 
     async def create(self, author_id: int, text: str) -> Post:
         """Store a post with its outbox row; returns it once committed."""
+        if self._stopping:
+            raise DatabaseUnavailable("the service is shutting down")
         future: asyncio.Future[Post] = asyncio.get_running_loop().create_future()
         self._waiting.append((author_id, text, future))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
         return await future
+
+    async def stop(self, timeout: float) -> None:
+        """On shutdown: refuse new posts (503) and let the batches at PostgreSQL finish, so that
+        their posts reach the relay before it flushes."""
+        self._stopping = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        self._fail_waiting(DatabaseUnavailable("the service is shutting down"))
 
     def _send(self) -> None:
         """Send what waits as batches, as far as MOST_IN_FLIGHT allows; the rest goes when a
@@ -64,20 +81,37 @@ class GroupCommit:
         try:
             posts = await self.db.insert_posts([(a, t) for a, t, _ in batch], self.lease)
         except Exception as exc:  # every request of the batch answers with it (503 or 500)
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(batch, exc)
+            if isinstance(exc, DatabaseUnavailable):
+                self._fail_waiting(exc)
             return
+        except asyncio.CancelledError:  # no request may be left waiting for ever
+            _fail(batch, DatabaseUnavailable("the statement was cancelled"))
+            raise
         finally:
             self._in_flight -= 1
             self._send()
-        self.metrics.post_commits += 1
+        stored: list[tuple[asyncio.Future[Post], Post]] = []
         for (author_id, _, future), post in zip(batch, posts, strict=True):
-            if post is None:
-                if not future.done():
-                    future.set_exception(UnknownUser(f"user {author_id} does not exist"))
-                continue
-            self.metrics.posts_created += 1
-            self.on_stored(post)
+            if post is not None:
+                stored.append((future, post))
+            elif not future.done():
+                future.set_exception(UnknownUser(f"user {author_id} does not exist"))
+        if stored:
+            self.metrics.post_commits += 1
+            self.metrics.posts_created += len(stored)
+        for future, post in stored:
             if not future.done():
                 future.set_result(post)
+        for _, post in stored:
+            self.on_stored(post)
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        waiting, self._waiting = self._waiting, []
+        _fail(waiting, exc)
+
+
+def _fail(posts: list[tuple[int, str, asyncio.Future[Post]]], exc: Exception) -> None:
+    for *_, future in posts:
+        if not future.done():
+            future.set_exception(exc)

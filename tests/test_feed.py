@@ -223,7 +223,7 @@ async def test_resuming_from_the_checkpoint_keeps_a_post_that_arrives_out_of_id_
     await api.follow(follower, author)
     feed = await api.open_feed(follower)
     checkpoint = (await feed.wait_message("checkpoint"))["since"]
-    stuck = await service.db.insert_post(author.id, "committed, not published", lease=60)
+    [stuck] = await service.db.insert_posts([(author.id, "committed, not published")], lease=60)
     shown = await api.post(author, "published at once")
     assert await feed.wait_posts(1) == [shown] and stuck.id < shown["id"]
     feed.close()

@@ -10,7 +10,7 @@ import pytest
 
 from feed_app import auth, group_commit
 from feed_app.config import Settings
-from feed_app.db import DatabaseUnavailable, UnknownUser
+from feed_app.db import QUERY_TIMEOUT, DatabaseUnavailable, UnknownUser
 from tests.conftest import both_fanout_modes, with_settings
 from tests.faults import TcpProxy, endpoint_of
 
@@ -171,3 +171,86 @@ async def test_a_batch_whose_statement_fails_commits_none_and_fails_each_post(
     back = f"{author.id} is back"
     post = await service.posts.create(author.id, back)
     assert post.text == back and stored_texts(db_dsn, [back]) == [back]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_statement_the_server_cancels_fails_each_post_of_its_batch(api, service, db_dsn):
+    """Proves: when PostgreSQL cancels a batch's statement (here pg_cancel_backend on a batch
+    that waits for a lock on its author's row; statement_timeout does the same), every post of
+    the batch fails with DatabaseUnavailable at once: aiopg reports the cancel as the task's
+    CancelledError, which left every request of the batch waiting for ever."""
+    author = await api.new_user()
+    locker = psycopg2.connect(db_dsn)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (author.id,))
+        asked = [asyncio.ensure_future(service.posts.create(author.id, f"x{n}")) for n in range(3)]
+        await wait_for_backend_waiting_on_lock(db_dsn)
+        with psycopg2.connect(db_dsn) as admin, admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                " WHERE query LIKE '%%create_posts(%%' AND pid <> pg_backend_pid()"
+            )
+        admin.close()
+        results = await asyncio.wait_for(asyncio.gather(*asked, return_exceptions=True), 5)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert all(isinstance(result, DatabaseUnavailable) for result in results), results
+    assert (await service.posts.create(author.id, "after")).text == "after"
+
+
+async def wait_for_backend_waiting_on_lock(dsn: str) -> None:
+    for _ in range(100):
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%%create_posts(%%'"
+            )
+            [(waiting,)] = cur.fetchall()
+        conn.close()
+        if waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no batch waits for the author's row")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_posts_behind_a_batch_that_times_out_fail_with_it(api, service, pg_proxy):
+    """Proves: with PostgreSQL silent, the posts gathered behind the batches at it are answered
+    503 when the first batch times out, not after timeouts of their own: with many posts
+    waiting, the last answer came only after several QUERY_TIMEOUTs."""
+    author = await api.new_user()
+    pg_proxy.pause()
+    asked = []
+    for n in range(group_commit.MOST_IN_FLIGHT + 3):  # two at PostgreSQL, three behind them
+        asked.append(asyncio.ensure_future(service.posts.create(author.id, f"silent {n}")))
+        await asyncio.sleep(0.01)
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*asked, return_exceptions=True)
+    took = asyncio.get_running_loop().time() - started
+    pg_proxy.resume()
+    assert all(isinstance(result, DatabaseUnavailable) for result in results), results
+    assert took < 1.5 * QUERY_TIMEOUT
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_shutdown_lets_the_batch_at_postgresql_commit_and_refuses_new_posts(
+    api, service, pg_proxy, db_dsn
+):
+    """Proves: stopping the group commit waits for the batch at PostgreSQL (its post is stored
+    and handed to the relay) and refuses posts asked for afterwards with DatabaseUnavailable."""
+    author = await api.new_user()
+    pg_proxy.pause()
+    at_postgresql = asyncio.ensure_future(service.posts.create(author.id, f"{author.id} last"))
+    await asyncio.sleep(0.05)
+    stopping = asyncio.ensure_future(service.posts.stop(5))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    with pytest.raises(DatabaseUnavailable):
+        await service.posts.create(author.id, f"{author.id} too late")
+    pg_proxy.resume()
+    await asyncio.wait_for(stopping, 5)
+    assert (await at_postgresql).text == f"{author.id} last"
+    stored = stored_texts(db_dsn, [f"{author.id} last", f"{author.id} too late"])
+    assert stored == [f"{author.id} last"]

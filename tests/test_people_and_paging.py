@@ -129,7 +129,8 @@ async def test_both_ways_of_finding_a_feed_page_agree(db_dsn, monkeypatch):
         rng = random.Random(11)
         writers = [*followed, reader, *users[6:]]  # most posts are by users the reader ignores
         weights = [1, 1, 1, 4, 1, 30, 30, 30]
-        posts = [await db.insert_post(a, "x", 60) for a in rng.choices(writers, weights, k=160)]
+        authors = rng.choices(writers, weights, k=160)
+        posts = [(await db.insert_posts([(a, "x")], 60))[0] for a in authors]
         await db.delete_outbox([post.id for post in posts])  # nobody needs them published
         mine = [p.id for p in reversed(posts) if p.author_id in (reader, *followed)]
         cases = [(MAX_ID, 0, 20), (MAX_ID, 5, 3), (mine[6], 0, 4), (mine[-3], 0, 20), (1, 0, 5)]

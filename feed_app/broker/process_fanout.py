@@ -40,6 +40,8 @@ from feed_app.fanout import BrokerUnavailable, Delivery, Subscriber
 
 log = logging.getLogger(__name__)
 
+Arrived = Delivery | messages.FollowChange  # what a message of the process queue carries
+
 QUEUE_MAX = 100_000  # messages waiting for this process before the oldest are dropped
 QUEUE_EXPIRES_MS = 60_000
 PREFETCH = 1000  # acks go once per loop turn; this only bounds what is in flight between them
@@ -83,7 +85,7 @@ class ProcessFanout(BrokerFanout):
         self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
         self._flush = OncePerTurn(self._bind_asked)
         # Messages that came after the first of this loop turn, in order, for its end.
-        self._arrived: list[tuple[KeyState, Delivery | messages.FollowChange]] = []
+        self._arrived: list[tuple[KeyState, Arrived]] = []
         self._turn_busy = False  # a message was fanned out in this turn
         self._fan_out = OncePerTurn(self._fan_out_arrived)
         self._barriers: set[asyncio.Task] = set()
@@ -167,8 +169,11 @@ class ProcessFanout(BrokerFanout):
         """The process fell so far behind that the broker dropped posts from its queue: which
         sessions lost which posts is unknown, so every one reads what it missed. Overflows come
         in bursts (one notice per dropped post); they are healed once per burst."""
+        self._resync_everyone(f"process queue {self.queue} overflowed")
+
+    def _resync_everyone(self, why: str) -> None:
         if self._healing is None:
-            log.warning("process queue %s overflowed; every session resyncs", self.queue)
+            log.warning("%s; every session resyncs", why)
             self._healing = asyncio.get_running_loop().call_later(0.5, self._heal)
             for subscriber in list(self._keys):
                 subscriber.on_fanout_lost()
@@ -200,7 +205,7 @@ class ProcessFanout(BrokerFanout):
         self._fan_out.ask()
         self._fan_out_one(route, message)
 
-    def _fan_out_one(self, route: KeyState, message: Delivery | messages.FollowChange) -> None:
+    def _fan_out_one(self, route: KeyState, message: Arrived) -> None:
         # A tuple: a subscriber may close (and leave the set) while it is being written to.
         if isinstance(message, messages.FollowChange):
             for subscriber in tuple(route.subscribers):
@@ -216,6 +221,16 @@ class ProcessFanout(BrokerFanout):
         Runs before anything the next turn reads, so every socket gets posts in arrival order."""
         self._turn_busy = False
         arrived, self._arrived = self._arrived, []
+        try:
+            self._fan_out_together(arrived)
+        except Exception:
+            # Raised in pika's callback, an error drops the connection, and the reconnect has
+            # every session read what it missed; raised here it would only be logged, and the
+            # turn's posts would be lost to the sessions not yet written to.
+            log.exception("fanning out %d messages failed", len(arrived))
+            self._resync_everyone("a fan-out failed")
+
+    def _fan_out_together(self, arrived: list[tuple[KeyState, Arrived]]) -> None:
         if len(arrived) == 1:
             self._fan_out_one(*arrived[0])
             return
