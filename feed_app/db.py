@@ -279,13 +279,6 @@ class Database:
                     cur._transaction = None
         except asyncio.TimeoutError as exc:
             raise DatabaseUnavailable(f"no answer within {QUERY_TIMEOUT} s") from exc
-        except asyncio.CancelledError as exc:
-            # aiopg turns a statement the server cancelled (pg_cancel_backend, statement_timeout,
-            # lock_timeout) into CancelledError: that is a failed statement, not a cancelled task.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            raise DatabaseUnavailable("the statement was cancelled by the server") from exc
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             await self.pool.clear()
             if retry:

@@ -85,7 +85,9 @@ class GroupCommit:
             if isinstance(exc, DatabaseUnavailable):
                 self._fail_waiting(exc)
             return
-        except asyncio.CancelledError:  # no request may be left waiting for ever
+        except asyncio.CancelledError:
+            # aiopg reports a statement the server cancelled (pg_cancel_backend, a
+            # statement_timeout) as this task's cancellation: no request may wait for ever.
             _fail(batch, DatabaseUnavailable("the statement was cancelled"))
             raise
         finally:
