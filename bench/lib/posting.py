@@ -288,6 +288,10 @@ class PostingPhase:
             "rabbitmq_cpu_us_per_delivery": ratio(broker_cpu.seconds * 1e6, deliveries, 2),
             "client_cpu_seconds": round(client_cpu.seconds, 3),
             "client_cpu_percent": ratio(100 * client_cpu.seconds, measured, 1),
+            "service_waiting_percent": service(
+                ratio(100 * service_cpu.waiting_seconds, measured, 1)
+            ),
+            "client_waiting_percent": ratio(100 * client_cpu.waiting_seconds, measured, 1),
         }
 
 

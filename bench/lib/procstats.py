@@ -10,8 +10,11 @@ half a second) by the soak.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import json
 import os
+import pathlib
 import shutil
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
@@ -72,6 +75,18 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def run_queue_seconds(pids: Iterable[int]) -> float:
+    """Time the threads of these processes spent runnable but waiting for a CPU (the second
+    field of /proc/<pid>/task/<tid>/schedstat): on shared cores, the latency a busy neighbour
+    adds to every hop of a post."""
+    total = 0
+    for pid in pids:
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(pathlib.Path(path).read_text().split()[1])
+    return total / 1e9
+
+
 def rss_bytes(pids: Iterable[int]) -> int:
     """Sum of VmRSS. Forked workers share pages with their parent, so this over-counts a little
     for --workers > 1; the per-session figure is a difference and is not affected much."""
@@ -129,18 +144,22 @@ def connections_to_port(pids: Iterable[int], port: int) -> int:
 
 
 class CpuMeter:
-    """CPU seconds of a set of processes between start() and stop()."""
+    """CPU seconds of a set of processes between start() and stop(), and the seconds their
+    threads waited for a CPU meanwhile."""
 
     def __init__(self, pids: Callable[[], list[int]]) -> None:
         self._pids = pids
-        self._start = 0.0
-        self.seconds = 0.0
+        self._start = self._start_waiting = 0.0
+        self.seconds = self.waiting_seconds = 0.0
 
     def start(self) -> None:
-        self._start = cpu_seconds(self._pids())
+        pids = self._pids()
+        self._start, self._start_waiting = cpu_seconds(pids), run_queue_seconds(pids)
 
     def stop(self) -> float:
-        self.seconds = cpu_seconds(self._pids()) - self._start
+        pids = self._pids()
+        self.seconds = cpu_seconds(pids) - self._start
+        self.waiting_seconds = run_queue_seconds(pids) - self._start_waiting
         return self.seconds
 
 

@@ -104,6 +104,11 @@ def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         ("RabbitMQ CPU per delivery", _fmt(res.get("rabbitmq_cpu_us_per_delivery"), "µs")),
         ("load-test client CPU", _fmt(res.get("client_cpu_percent"), "% of one core")),
         (
+            "waiting for a CPU: service / client",
+            f"{_fmt(res.get('service_waiting_percent'))} / "
+            f"{_fmt(res.get('client_waiting_percent'), '% of the phase')}",
+        ),
+        (
             "service RSS before / with sessions",
             f"{_mib(mem['service_rss_before'])} / {_mib(mem['service_rss_sessions'])}",
         ),
