@@ -99,6 +99,15 @@ def amqp_proxy(io_loop) -> Iterator[TcpProxy]:
     io_loop.run_sync(proxy.close)
 
 
+@pytest.fixture
+def pg_proxy(io_loop, db_dsn) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of PostgreSQL: a service given its URL can be cut off the database."""
+    proxy = TcpProxy(*endpoint_of(db_dsn, 5432))
+    io_loop.run_sync(proxy.start)
+    yield proxy
+    io_loop.run_sync(proxy.close)
+
+
 # A module whose guarantees must hold in both fan-out modes: pytestmark = both_fanout_modes.
 both_fanout_modes = pytest.mark.parametrize("fanout_mode", MODES, indirect=True)
 

@@ -3,7 +3,6 @@ and one commit, and each request still gets its own answer."""
 
 import asyncio
 import collections
-from collections.abc import Iterator
 
 import psycopg2
 import pytest
@@ -12,19 +11,10 @@ from feed_app import auth, group_commit
 from feed_app.config import Settings
 from feed_app.db import QUERY_TIMEOUT, DatabaseUnavailable, UnknownUser
 from tests.conftest import both_fanout_modes, with_settings
-from tests.faults import TcpProxy, endpoint_of
 
 pytestmark = both_fanout_modes
 
 GHOST = 10**12  # below this run's block of user ids (conftest): no such user
-
-
-@pytest.fixture
-def pg_proxy(io_loop, db_dsn) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(*endpoint_of(db_dsn, 5432))
-    io_loop.run_sync(proxy.start)
-    yield proxy
-    io_loop.run_sync(proxy.close)
 
 
 @pytest.fixture

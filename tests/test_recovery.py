@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import statistics
-from collections.abc import Iterator
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -25,9 +24,7 @@ from feed_app.config import Settings
 from feed_app.wire import Close
 from tests.conftest import AMQP_URL, both_fanout_modes, with_settings
 from tests.faults import (
-    TcpProxy,
     assert_exactly_once,
-    endpoint_of,
     free_port,
     ids_of,
     open_unread_socket,
@@ -43,14 +40,6 @@ from tests.support import Api, Feed, User, inspect_fanout, wait_queue_gone
 pytestmark = both_fanout_modes
 
 # --- fixtures: the in-process service reaches both servers through proxies ------------------------
-
-
-@pytest.fixture
-def pg_proxy(io_loop, db_dsn) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(*endpoint_of(db_dsn, 5432))
-    io_loop.run_sync(proxy.start)
-    yield proxy
-    io_loop.run_sync(proxy.close)
 
 
 @pytest.fixture
