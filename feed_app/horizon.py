@@ -8,9 +8,10 @@ and "every post up to the highest id it returned" is not that: a lower id may st
 Each sample reads the sequence's last value L_i and takes a transaction id N_i of its own
 (pg_current_xact_id(): above every transaction id assigned before it). Take two samples in a row:
 every transaction that holds a post id <= L_i took it before sample i read the sequence, and took
-its transaction id before that (create_posts() makes sure of the order), so its transaction id is
-below N_(i+1), assigned later still. A read whose snapshot has xmin >= N_(i+1) finds every
-transaction below N_(i+1) finished, so every committed post with an id <= L_i is in it.
+its transaction id before that (create_post() and create_posts() make sure of the order), so its
+transaction id is below N_(i+1), assigned later still. A read whose snapshot has xmin >= N_(i+1)
+finds every transaction below N_(i+1) finished, so every committed post with an id <= L_i is in
+it.
 
 (Not the snapshot's xmax: PostgreSQL sets it to the newest *finished* transaction id + 1, so a
 transaction still running with a newer id is neither below it nor listed as running.)
