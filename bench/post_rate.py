@@ -12,7 +12,10 @@ Every post is committed (201) or counted as an error. Each poster keeps its conn
 (curl_httpclient), as a browser does; --client new-connections opens one per POST (Tornado's
 simple client), which adds the service's accept and close to every post.
 
-Nothing but the posts is measured here: no feed socket is open, so delivery costs nothing. The
+By default nothing but the posts is measured: no feed socket is open, so delivery costs nothing.
+With --own-sockets K each poster holds K feed sockets open as itself, so that the service also
+receives each post back from the broker and writes it K times, and --rate paces each poster:
+K = 0, 1 and 33 at one rate separate creating, receiving and writing a post. The
 instances, PostgreSQL, RabbitMQ and this client share the machine's cores. PostgreSQL's CPU is
 that of the backends serving this run's database plus the server's WAL writer, checkpointer and
 background writer (shared with anything else writing on the server); RabbitMQ's is its whole
@@ -37,6 +40,7 @@ import psycopg2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from bench.lib import options
@@ -55,6 +59,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--posters", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
+    parser.add_argument(
+        "--rate", type=float, default=0, help="posts/s of each poster [0: one after another]"
+    )
+    parser.add_argument(
+        "--own-sockets",
+        type=int,
+        default=0,
+        help="feed sockets each poster holds open as itself: its every post is then received "
+        "back from the broker and written to them (what receiving and writing a post cost) [0]",
+    )
     service = options.service_options(parser, database=False)
     service.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
     parser.add_argument(
@@ -113,8 +127,9 @@ class Instances:
         conn.close()
         return pids
 
-    def users(self, count: int) -> list[str]:
-        """Tokens of `count` new users (made in the database: registering is not measured)."""
+    def users(self, count: int) -> list[tuple[int, str]]:
+        """Ids and tokens of `count` new users (made in the database: registering is not
+        measured)."""
         with psycopg2.connect(self.dsn) as conn, conn.cursor() as cur:
             cur.execute(
                 "INSERT INTO users (name, password_hash) "
@@ -123,15 +138,24 @@ class Instances:
             )
             ids = [user_id for (user_id,) in cur.fetchall()]
         conn.close()
-        return [issue_token(user_id, self.secret, 3600) for user_id in ids]
+        return [(user_id, issue_token(user_id, self.secret, 3600)) for user_id in ids]
 
 
 async def post_for(
-    next_url: Callable[[], str], token: str, until: float, warm_until: float, into: list
+    next_url: Callable[[], str],
+    token: str,
+    until: float,
+    warm_until: float,
+    into: list,
+    rate: float,
 ) -> int:
-    """Post one after another until `until`; latencies after `warm_until` go into `into`."""
-    client, errors, n = AsyncHTTPClient(), 0, 0
+    """Post until `until`, one after another or at `rate`; latencies after `warm_until` go into
+    `into`."""
+    client, errors, n, first = AsyncHTTPClient(), 0, 0, time.monotonic()
     while (started := time.monotonic()) < until:
+        if rate:
+            await asyncio.sleep(max(0.0, first + n / rate - started))
+            started = time.monotonic()
         request = HTTPRequest(
             next_url() + "/post/create",
             "POST",
@@ -150,8 +174,34 @@ async def post_for(
     return errors
 
 
-async def measure(instances: Instances, posters: int, duration: float, warmup: float) -> dict:
-    tokens = instances.users(posters)
+async def open_own_sockets(url: str, user_id: int, token: str, count: int, frames: list) -> list:
+    """`count` feed sockets of the user, each with the task that reads it to the end; frames
+    counts what they got."""
+    sockets = []
+    for _ in range(count):
+        ws_url = f"{url.replace('http', 'ws', 1)}/post/feed/{user_id}?token={token}"
+        socket = await tornado.websocket.websocket_connect(ws_url)
+        await socket.read_message()  # "ready"
+        sockets.append((socket, asyncio.ensure_future(read_all(socket, frames))))
+    return sockets
+
+
+async def read_all(socket, frames: list) -> None:
+    while await socket.read_message() is not None:
+        frames[0] += 1
+
+
+async def measure(instances: Instances, posters: int, args: argparse.Namespace) -> dict:
+    duration, warmup = args.duration, args.warmup
+    users = instances.users(posters)
+    frames = [0]
+    sockets = [
+        socket
+        for n, (user_id, token) in enumerate(users)
+        for socket in await open_own_sockets(
+            instances.urls[n % len(instances.urls)], user_id, token, args.own_sockets, frames
+        )
+    ]
     now = time.monotonic()
     latencies: list[float] = []
     urls = itertools.cycle(instances.urls)
@@ -159,8 +209,9 @@ async def measure(instances: Instances, posters: int, duration: float, warmup: f
     def next_url() -> str:
         return next(urls)
 
+    end, warm = now + warmup + duration, now + warmup
     posting = asyncio.gather(
-        *(post_for(next_url, t, now + warmup + duration, now + warmup, latencies) for t in tokens)
+        *(post_for(next_url, t, end, warm, latencies, args.rate) for _, t in users)
     )
     broker = await broker_pid()
     await asyncio.sleep(now + warmup - time.monotonic())
@@ -173,10 +224,15 @@ async def measure(instances: Instances, posters: int, duration: float, warmup: f
     }
     for meter in meters.values():
         meter.start()
+    frames_before = frames[0]
     errors = await posting
     latencies.sort()
     cpu_ms = {name: 1000 * meter.stop() / max(len(latencies), 1) for name, meter in meters.items()}
+    for socket, reader in sockets:
+        socket.close()
+        await reader
     return {
+        "frames_per_post": round((frames[0] - frames_before) / max(len(latencies), 1), 1),
         "instances": instances.count,
         "posters": posters,
         "posts_per_s": round(len(latencies) / duration),
@@ -194,17 +250,17 @@ async def measure_all(args: argparse.Namespace) -> None:
     AsyncHTTPClient.configure(client, max_clients=max(args.posters) * 2)
     print(
         f"{'instances':>9} {'posters':>7} {'posts/s':>8} {'p50 ms':>7} {'p99 ms':>7} errors"
-        "   CPU ms per post: service postgres rabbitmq"
+        "   CPU ms per post: service postgres rabbitmq   frames/post"
     )
     for count in args.instances:
         async with Instances(count, args) as instances:
             for posters in args.posters:
-                row = await measure(instances, posters, args.duration, args.warmup)
+                row = await measure(instances, posters, args)
                 print(
                     f"{row['instances']:>9} {row['posters']:>7} {row['posts_per_s']:>8} "
                     f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']:>6} "
                     f"{row['service_cpu_ms_per_post']:>25} {row['postgres_cpu_ms_per_post']:>8} "
-                    f"{row['rabbitmq_cpu_ms_per_post']:>8}",
+                    f"{row['rabbitmq_cpu_ms_per_post']:>8}   {row['frames_per_post']}",
                     flush=True,
                 )
 
