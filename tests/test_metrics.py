@@ -62,7 +62,12 @@ async def test_every_worker_answers_with_the_sum_of_all_workers(processes, setti
     """Proves: with `--workers 2`, sessions on both workers, posts created and hashes computed on
     either, every scrape (answered by either worker, once each has flushed) shows the instance's
     totals, not the answering worker's own; the instance's name comes from FEED_INSTANCE_NAME."""
-    instance = processes(args=("--workers", "2"), FEED_INSTANCE_NAME="metrics-test")
+    # A long lease: with the tests' 1 s one, a confirm slowed by a busy broker lets the other
+    # worker's sweep publish the post again (allowed: sessions drop it), and the exact count of
+    # publishes below would be off.
+    instance = processes(
+        args=("--workers", "2"), FEED_INSTANCE_NAME="metrics-test", FEED_OUTBOX_LEASE="30"
+    )
     await instance.start(ready="/readyz")
     api = Api(instance.base_url)
     author, reader = await api.new_user(), await api.new_user()
