@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from feed_app.db import Database, DatabaseUnavailable, Post, UnknownUser
 from feed_app.metrics import Metrics
+from feed_app.once_per_turn import OncePerTurn
 
 # Batches at PostgreSQL at once. More than one keeps a slow commit from holding every new post;
 # few keeps the batches large.
@@ -42,7 +43,7 @@ class GroupCommit:
         self.metrics = metrics
         self._waiting: list[tuple[int, str, asyncio.Future[Post]]] = []
         self._in_flight = 0
-        self._scheduled = False
+        self._sender = OncePerTurn(self._send)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
 
@@ -52,9 +53,7 @@ class GroupCommit:
             raise DatabaseUnavailable("the service is shutting down")
         future: asyncio.Future[Post] = asyncio.get_running_loop().create_future()
         self._waiting.append((author_id, text, future))
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._send)
+        self._sender.ask()
         return await future
 
     async def stop(self, timeout: float) -> None:
@@ -68,7 +67,6 @@ class GroupCommit:
     def _send(self) -> None:
         """Send what waits as batches, as far as MOST_IN_FLIGHT allows; the rest goes when a
         batch returns."""
-        self._scheduled = False
         while self._waiting and self._in_flight < MOST_IN_FLIGHT:
             batch = self._waiting[:MOST_PER_BATCH]
             del self._waiting[:MOST_PER_BATCH]

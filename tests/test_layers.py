@@ -16,7 +16,10 @@ PACKAGE = "feed_app"
 # Bottom first. A module may import modules of its own layer and of the layers below it. An entry
 # names a module or a package (with everything in it).
 LAYERS = [
-    ("settings and formats", {"feed_app.config", "feed_app.wire", "feed_app.pids"}),
+    (
+        "settings and formats",
+        {"feed_app.config", "feed_app.wire", "feed_app.pids", "feed_app.once_per_turn"},
+    ),
     ("the broker seam", {"feed_app.fanout"}),
     (
         "stores and connections",

@@ -9,8 +9,8 @@ from typing import Any
 
 import pika.channel
 
-from feed_app.broker.once_per_turn import OncePerTurn
 from feed_app.fanout import BrokerUnavailable
+from feed_app.once_per_turn import OncePerTurn
 
 ACKED_ALONE_COMPACTION = 4096
 

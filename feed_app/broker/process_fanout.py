@@ -35,8 +35,8 @@ from feed_app.broker import messages
 from feed_app.broker.channel import Channel
 from feed_app.broker.connection import AMQP_FAILURES, Broker
 from feed_app.broker.fanout_base import BrokerFanout
-from feed_app.broker.once_per_turn import OncePerTurn
 from feed_app.fanout import BrokerUnavailable, Delivery, Subscriber
+from feed_app.once_per_turn import OncePerTurn
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ class ProcessFanout(BrokerFanout):
         self._setup: Channel | None = None
         self._free_unbinders: list[Channel] = []  # unbind channels with no unbind out
         self._flush = OncePerTurn(self._bind_asked)
-        # Messages that came after the first of this loop turn, in order, for its end.
+        # Messages that came after the first of this loop turn, in order, for its end; the
+        # first is fanned out at once, and asks for the end of the turn.
         self._arrived: list[tuple[KeyState, Arrived]] = []
-        self._turn_busy = False  # a message was fanned out in this turn
         self._fan_out = OncePerTurn(self._fan_out_arrived)
         self._barriers: set[asyncio.Task] = set()
         self._unbind_timer: asyncio.TimerHandle | None = None
@@ -196,12 +196,11 @@ class ProcessFanout(BrokerFanout):
         message = messages.decode(method, properties, body)
         if message is None:
             return
-        if self._turn_busy:
+        if self._fan_out.asked:
             self._arrived.append((route, message))
             return
         # The first message of a turn goes out at once, as a lone post should; what comes after
         # it in the same turn waits for the turn's end (_fan_out_arrived).
-        self._turn_busy = True
         self._fan_out.ask()
         self._fan_out_one(route, message)
 
@@ -219,7 +218,6 @@ class ProcessFanout(BrokerFanout):
         of one read in one turn; when that is several posts (a burst, or a process that fell
         behind), each socket gets the frames of all of them in one write instead of one each.
         Runs before anything the next turn reads, so every socket gets posts in arrival order."""
-        self._turn_busy = False
         arrived, self._arrived = self._arrived, []
         try:
             self._fan_out_together(arrived)
