@@ -29,7 +29,7 @@ import enum
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tornado.websocket import WebSocketClosedError
@@ -248,20 +248,11 @@ class FeedSession:
                 self.on_post(delivery)
             return
         shown = [delivery for delivery in deliveries if self._shows(delivery)]
-        if len(shown) <= 1:
-            if shown:
-                self._write(shown[0])
-            return
-        # One send for the lot: the frames follow each other in the stream as separate writes
-        # would, and a socket costs one syscall per read from the broker, not one per post.
-        frames = b"".join(delivery.websocket_frame for delivery in shown)
-        try:
-            written = self.socket.write_prebuilt(frames)
-        except WebSocketClosedError:
-            return  # the handler's on_close ends the session
-        for delivery in shown:
-            self.metrics.delivered(delivery.created_ms)
-        self._after_write(written, len(shown), len(frames))
+        if shown:
+            # One send for the lot: the frames follow each other in the stream as separate
+            # writes would, and a socket costs one syscall per read from the broker, not one per
+            # post.
+            self._write(b"".join(delivery.websocket_frame for delivery in shown), shown)
 
     # --- sync: subscribe first, then read, then release live posts -----------------------------
 
@@ -394,7 +385,7 @@ class FeedSession:
     # --- live posts ----------------------------------------------------------------------------
 
     def _deliver(self, delivery: Delivery) -> asyncio.Future | None:
-        return self._write(delivery) if self._shows(delivery) else None
+        return self._write(delivery.websocket_frame, (delivery,)) if self._shows(delivery) else None
 
     def _shows(self, delivery: Delivery) -> bool:
         """Whether the post is this feed's and new to it; counts it as seen if so."""
@@ -403,25 +394,23 @@ class FeedSession:
             return False
         return self.seen.add(delivery.version)
 
-    def _write(self, delivery: Delivery) -> asyncio.Future | None:
-        """Write a post the session has just counted as seen."""
+    def _write(self, frames: bytes, deliveries: Sequence[Delivery]) -> asyncio.Future | None:
+        """Write the frames of posts the session has just counted as seen, in one piece."""
         try:
-            written = self.socket.write_prebuilt(delivery.websocket_frame)
+            written = self.socket.write_prebuilt(frames)
         except WebSocketClosedError:
             return None  # the handler's on_close ends the session
-        self.metrics.delivered(delivery.created_ms)
-        self._after_write(written, 1, len(delivery.websocket_frame))
-        return written
-
-    def _after_write(self, written: asyncio.Future | None, frames: int, size: int) -> None:
-        self._deliveries_since_checkpoint += frames
+        for delivery in deliveries:
+            self.metrics.delivered(delivery.created_ms)
+        self._deliveries_since_checkpoint += len(deliveries)
         if (
             self._deliveries_since_checkpoint >= CHECKPOINT_EVERY
             and self.seen.floor > self._checkpoint
         ):
             self._spawn(self._send_checkpoint())
         if written is not None and not written.done():
-            self._count_unsent(written, frames, size)
+            self._count_unsent(written, len(deliveries), len(frames))
+        return written
 
     def _count_unsent(self, written: asyncio.Future, frames: int, size: int) -> None:
         """Tornado buffers whatever the socket does not take, without a limit: a client that
