@@ -234,12 +234,10 @@ class ProcessFanout(BrokerFanout):
             return
         batches: dict[Subscriber, list[Delivery]] = {}
         for route, message in arrived:
-            subscribers = tuple(route.subscribers)
             if isinstance(message, messages.FollowChange):
-                for subscriber in subscribers:
-                    subscriber.on_follow_change(message.author_id)
+                self._fan_out_one(route, message)
             else:
-                for subscriber in subscribers:
+                for subscriber in tuple(route.subscribers):
                     batch = batches.get(subscriber)
                     if batch is None:
                         batches[subscriber] = [message]
