@@ -29,7 +29,9 @@ from feed_app.wire import Close
 log = logging.getLogger(__name__)
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent.parent / "static"
-MAX_WS_MESSAGE = 4096  # the client sends only its next token; Tornado's default would be 10 MiB
+# The client sends its next token, or a post: 1000 characters, each at most 12 bytes of JSON (a
+# surrogate pair escaped), and the message's other fields. Tornado's default would be 10 MiB.
+MAX_WS_MESSAGE = 16 * 1024
 
 
 class Service:

@@ -2,8 +2,9 @@
 subprotocols (`Sec-WebSocket-Protocol: feed, bearer.<token>`) or in the query (`?token=`).
 
 The socket lives as long as its access token: it is closed with 4001 when the token expires,
-unless the client sent the next one in-band before (wire.token_message, the one message a client
-may send), and with 4003 as soon as this process learns that the token's log-in has ended.
+unless the client sent the next one in-band before (wire.token_message), and with 4003 as soon as
+this process learns that the token's log-in has ended. The one other message a client may send
+is a post of its own (wire.post_message), answered on the socket (feed_app/posting.py).
 
 Everything is checked before the upgrade, Tornado's own handshake checks and the limits on open
 sockets included, so a refused client gets an HTTP status and a JSON error rather than a socket
@@ -13,6 +14,7 @@ that opens and closes at once, or an HTML page, and never gets a queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,15 +22,36 @@ import tornado.iostream
 import tornado.websocket
 
 from feed_app import auth
-from feed_app.httpkit import LOGIN_ENDED, ApiError, JsonErrors, int_argument, parse_id
+from feed_app.db import DatabaseUnavailable, UnknownUser
+from feed_app.httpkit import (
+    LOGIN_ENDED,
+    ApiError,
+    JsonErrors,
+    int_argument,
+    parse_id,
+    refusal,
+)
+from feed_app.posting import create_post
 from feed_app.sessions import FeedSession, FeedSocket
-from feed_app.wire import MAX_ID, Close, token_of_message
+from feed_app.wire import (
+    MAX_ID,
+    Close,
+    PostMessage,
+    TokenMessage,
+    client_message,
+    posted_frame,
+    refused_frame,
+    websocket_text_frame,
+)
 
 if TYPE_CHECKING:
     from feed_app.config import Settings
     from feed_app.db import Database
+    from feed_app.group_commit import GroupCommit
     from feed_app.limits import Limits
     from feed_app.revocations import Revocations
+
+log = logging.getLogger(__name__)
 
 WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
 # A browser can send subprotocols but no Authorization header: `new WebSocket(url, ["feed",
@@ -36,6 +59,10 @@ WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
 # server selects "feed", never the token, so the token is not echoed back.
 FEED_PROTOCOL = "feed"
 BEARER_PREFIX = "bearer."
+# Post messages one socket may have waiting for their answers; more are refused at once. The
+# author's post rate (limits.py) bounds them over time, this bounds them at one moment.
+MAX_POSTS_IN_FLIGHT = 16
+TOO_MANY_IN_FLIGHT = f"more than {MAX_POSTS_IN_FLIGHT} posts waiting for their answers"
 
 
 class Service(Protocol):
@@ -44,6 +71,7 @@ class Service(Protocol):
     settings: Settings
     db: Database
     limits: Limits
+    posts: GroupCommit
     revocations: Revocations
 
     def open_session(self, user_id: int, socket: FeedSocket) -> FeedSession | None: ...
@@ -72,6 +100,7 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         self.client_gone = False  # on_close ran: before the upgrade, it can run during get()
         self.claims: auth.AccessClaims | None = None  # of the token the socket lives by
         self._expiry: asyncio.TimerHandle | None = None
+        self._posting: set[asyncio.Task] = set()  # post messages not answered yet
 
     async def get(self, user_id: str) -> None:
         self._check_handshake()
@@ -185,10 +214,15 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         return None
 
     def on_message(self, message: str | bytes) -> None:
-        token = token_of_message(message)
-        if token is None:
-            self._end(Close.CLIENT_DATA)
-            return
+        match client_message(message):
+            case TokenMessage(token):
+                self._renew(token)
+            case PostMessage() as post:
+                self._post(post)
+            case _:
+                self._end(Close.CLIENT_DATA)
+
+    def _renew(self, token: str) -> None:
         try:
             claims = auth.claims_from_token(token, self.service.settings.jwt_secret)
         except auth.InvalidToken:
@@ -200,6 +234,42 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
             self._end(Close.LOGGED_OUT)
         else:
             self._live_by(claims)
+
+    def _post(self, message: PostMessage) -> None:
+        """Create a post as this socket's user, then answer on the socket. The socket's token is
+        live (it is closed when the token expires or its log-in ends), so it authorizes the post
+        as an Authorization header would; its expiry and log-out are checked here too, as they
+        are for every HTTP request, not only when their timer or notice comes."""
+        if self.session is None or self.claims is None:
+            return  # the socket is closing: it never got a session
+        if self.claims.expires <= time.time():
+            self._end(Close.TOKEN_EXPIRED)
+        elif self.service.revocations.is_ended(self.claims.login_id):
+            self._end(Close.LOGGED_OUT)
+        elif len(self._posting) >= MAX_POSTS_IN_FLIGHT:
+            self._answer(refused_frame(message.ref, 429, TOO_MANY_IN_FLIGHT))
+        else:
+            task = asyncio.ensure_future(self._create(message))
+            self._posting.add(task)
+            task.add_done_callback(self._posting.discard)
+
+    async def _create(self, message: PostMessage) -> None:
+        try:
+            post = await create_post(self.service, self.user_id, message.text)
+        except (ApiError, DatabaseUnavailable, UnknownUser) as exc:
+            answer = refused_frame(message.ref, *refusal(exc))
+        except Exception as exc:  # what Tornado answers an HTTP request with 500 for
+            log.exception("post message of user %d", self.user_id)
+            answer = refused_frame(message.ref, *refusal(exc))
+        else:
+            answer = posted_frame(message.ref, post.to_json())
+        self._answer(answer)
+
+    def _answer(self, frame: bytes) -> None:
+        """Answers go out as the session's frames do, within its bound on unsent bytes; once
+        the socket is gone they go nowhere (a post stored by then stays stored)."""
+        if self.session is not None:
+            self.session.answer(websocket_text_frame(frame))
 
     def _live_by(self, claims: auth.AccessClaims) -> None:
         """Live until this token expires or its log-in ends, instead of by the last one's."""

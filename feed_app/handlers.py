@@ -24,7 +24,9 @@ from feed_app.httpkit import (
     int_argument,
     limit_argument,
     parse_id,
+    storable,
 )
+from feed_app.posting import check_text, create_post
 from feed_app.wire import MAX_ID
 
 if TYPE_CHECKING:
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     from feed_app.relay import OutboxRelay
     from feed_app.revocations import Revocations
 
-MAX_POST_LENGTH = 1000
 MAX_NAME_LENGTH = 64
 # Control characters, and the marks that turn text right to left, with which a name can be made
 # to read as another one on the page ("U+202E"). openapi.json's name pattern says the same.
@@ -65,15 +66,6 @@ class Service(Protocol):
     path_check: PathCheck
     exporter: Exporter
     revocations: Revocations
-
-
-def _storable(text: str) -> bool:
-    """PostgreSQL text holds no NUL, and UTF-8 has no lone surrogates (JSON can carry both)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
 
 
 def _whole_number(value: decimal.Decimal) -> int | decimal.Decimal:
@@ -122,7 +114,7 @@ class BaseHandler(JsonErrors):
             # bool is an int in Python, but true is not a user id.
             if value is None or not isinstance(value, kind) or isinstance(value, bool):
                 raise ApiError(400, f"field '{name}' is required and must be {kind.__name__}")
-            if kind is str and not _storable(value):
+            if kind is str and not storable(value):
                 raise ApiError(400, f"field '{name}' contains characters that cannot be stored")
         return body
 
@@ -200,20 +192,10 @@ class FollowHandler(BaseHandler):
         self.finish({"user_id": caller, "author_id": author, "following": self.follow})
 
 
-def _check_post_text(text: str) -> None:
-    if not text.strip():
-        raise ApiError(400, "text must not be empty")
-    if len(text) > MAX_POST_LENGTH:
-        raise ApiError(400, f"text must be at most {MAX_POST_LENGTH} characters")
-
-
 class CreatePostHandler(BaseHandler):
     async def post(self) -> None:
         author = self.caller_id()
-        text = self.json_body({"text": str})["text"]
-        _check_post_text(text)
-        await self.service.limits.post(author)
-        post = await self.service.posts.create(author, text)
+        post = await create_post(self.service, author, self.json_body({}).get("text"))
         self.set_status(201)
         self.finish(post.to_json())
 
@@ -242,7 +224,7 @@ class UpdatePostHandler(ChangePostHandler):
         author = self.caller_id()
         body = self.json_body({"id": int, "text": str})
         post_id = check_id(body["id"], "id")
-        _check_post_text(body["text"])
+        check_text(body["text"])
         post = await self.change(author, post_id, body["text"])
         self.finish(post.to_json())
 

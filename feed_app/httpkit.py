@@ -32,6 +32,15 @@ class ApiError(tornado.web.HTTPError):
         self.headers = headers or {}  # sent with the error (send_error clears earlier ones)
 
 
+def storable(text: str) -> bool:
+    """PostgreSQL text holds no NUL, and UTF-8 has no lone surrogates (JSON can carry both)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def _digits(value: str | None) -> bool:
     # At most 19 digits before int(): int() refuses (ValueError) past 4300 digits.
     return value is not None and value.isascii() and value.isdigit() and len(value) <= 19
@@ -87,6 +96,15 @@ def error_status(status_code: int, exc: BaseException | None) -> int:
     if isinstance(exc, UnknownUser):
         return 401
     return status_code
+
+
+def refusal(exc: BaseException) -> tuple[int, str, int | None]:
+    """(status, error, Retry-After seconds or None) for an error a handler raised, where the
+    answer is not an HTTP response: a post message on the feed socket."""
+    status = exc.status_code if isinstance(exc, tornado.web.HTTPError) else 500
+    status = error_status(status, exc)
+    retry_after = exc.headers.get("Retry-After") if isinstance(exc, ApiError) else None
+    return status, error_message(status, exc, ""), retry_after and int(retry_after)
 
 
 class JsonErrors(tornado.web.RequestHandler):

@@ -226,6 +226,16 @@ class FeedSession:
         self.metrics.slow_client_closes += 1
         self.close(Close.TOO_SLOW)
 
+    def answer(self, frame: bytes) -> None:
+        """Write the answer to a message of the client's own (a post), a whole websocket frame,
+        within the bound the feed's frames keep on what waits unsent."""
+        try:
+            written = self.socket.write_prebuilt(frame)
+        except WebSocketClosedError:
+            return  # the handler's on_close ends the session
+        if written is not None and not written.done():
+            self._count_unsent(written, 1, len(frame))
+
     def on_follow_change(self, author_id: int) -> None:
         if not self.closed:
             self._spawn(self._change_follow(author_id))

@@ -8,6 +8,7 @@ service (any version that shares the vhost) depend on them.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -24,7 +25,7 @@ class Close(enum.IntEnum):
     """Websocket close codes the server sends, each with the reason sent beside it."""
 
     GOING_AWAY = 1001  # the server shuts down; reconnect (to another instance)
-    CLIENT_DATA = 1003  # the client sent a message other than a token; the feed is one-way
+    CLIENT_DATA = 1003  # the client sent a message other than a token or a post
     INVALID_TEXT = 1007  # the client sent a text frame that is not UTF-8
     SERVER_ERROR = 1011  # the database failed mid-session; reconnect with since=
     TOKEN_EXPIRED = 4001  # the access token expired (or the one sent in-band was no good)
@@ -38,7 +39,7 @@ class Close(enum.IntEnum):
 
 _REASONS = {
     Close.GOING_AWAY: "server shutting down; reconnect with since=<last checkpoint>",
-    Close.CLIENT_DATA: "the feed is server-to-client; send nothing but a token message",
+    Close.CLIENT_DATA: "send nothing but token and post messages",
     Close.INVALID_TEXT: "text frames must be UTF-8",
     Close.SERVER_ERROR: "database unavailable; reconnect with since=<last checkpoint>",
     Close.TOKEN_EXPIRED: (
@@ -49,9 +50,25 @@ _REASONS = {
 }
 
 
-# --- what a client may send on the feed socket: its next access token, before the last expires --
+# --- what a client may send on the feed socket: its next access token, and its own posts ------
 
 TOKEN_MESSAGE = "token"
+POST_MESSAGE = "post"
+MAX_REF = 2**53 - 1  # a post message's ref: any integer a browser holds exactly
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMessage:
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PostMessage:
+    """A new post by the socket's user. `text` is as sent, checked as POST /post/create checks
+    it; `ref` is the client's, echoed in the answer (posted_frame or refused_frame)."""
+
+    ref: int
+    text: Any
 
 
 def token_message(token: str) -> str:
@@ -59,16 +76,29 @@ def token_message(token: str) -> str:
     return json.dumps({"type": TOKEN_MESSAGE, "token": token})
 
 
-def token_of_message(message: str | bytes) -> str | None:
-    """The token of a token message; None for any other message."""
+def post_message(ref: int, text: str) -> str:
+    """{"type": "post", "ref": <client's number>, "text": "..."}: publish a post."""
+    return json.dumps({"type": POST_MESSAGE, "ref": ref, "text": text})
+
+
+def client_message(message: str | bytes) -> TokenMessage | PostMessage | None:
+    """What a client sent on its feed socket; None for anything but a token or a post message
+    (a post message without a ref that can be answered included)."""
     try:
         body = json.loads(message)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(body, dict) or body.get("type") != TOKEN_MESSAGE:
+    if not isinstance(body, dict):
         return None
-    token = body.get("token")
-    return token if isinstance(token, str) and token else None
+    kind = body.get("type")
+    if kind == TOKEN_MESSAGE:
+        token = body.get("token")
+        return TokenMessage(token) if isinstance(token, str) and token else None
+    if kind == POST_MESSAGE:
+        ref = body.get("ref")
+        if type(ref) is int and 0 <= ref <= MAX_REF:  # not bool, not 1.0
+            return PostMessage(ref, body.get("text"))
+    return None
 
 
 # --- the refresh token's cookie: sent only to the refresh path ---------------------------------
@@ -98,6 +128,21 @@ def deleted_frame(post_id: int, version: int) -> bytes:
     return _frame({"type": "deleted", "id": post_id, "version": version})
 
 
+def posted_frame(ref: int, post: dict[str, Any]) -> bytes:
+    """The answer to a post message: the post as stored (the body of POST /post/create's 201).
+    The post itself comes on the socket too, as a post frame, like every post of the user."""
+    return _frame({"type": "posted", "ref": ref, "post": post})
+
+
+def refused_frame(ref: int, status: int, error: str, retry_after: int | None = None) -> bytes:
+    """The answer to a post message that stored nothing: the status and error POST /post/create
+    would answer with (400, 429 with retry_after in seconds, 503)."""
+    answer: dict[str, Any] = {"type": "refused", "ref": ref, "status": status, "error": error}
+    if retry_after is not None:
+        answer["retry_after"] = retry_after
+    return _frame(answer)
+
+
 def ready_frame(following: int) -> bytes:
     return _frame({"type": "ready", "following": following})
 
@@ -123,7 +168,7 @@ def websocket_text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-FRAME_TYPES = ("post", "deleted", "ready", "checkpoint", "following")
+FRAME_TYPES = ("post", "deleted", "ready", "checkpoint", "following", "posted", "refused")
 CHANGE_FRAME_TYPES = ("post", "deleted")  # what the broker carries: one change of one post
 _PREFIXES = [(kind, f'{{"type":"{kind}"') for kind in FRAME_TYPES]
 

@@ -203,6 +203,22 @@ class Feed:
         await self._until(lambda: any(m["type"] == kind for m in self.messages), timeout)
         return next(m for m in self.messages if m["type"] == kind)
 
+    def answer(self, ref: int) -> dict | None:
+        """The answer to the post message `ref`, once it came."""
+        kinds = ("posted", "refused")
+        return next((m for m in self.messages if m["type"] in kinds and m["ref"] == ref), None)
+
+    async def wait_answer(self, ref: int, timeout: float = 5) -> dict:
+        await self._until(lambda: self.answer(ref) or self.close_code is not None, timeout)
+        answer = self.answer(ref)
+        assert answer is not None, f"closed with {self.close_code} before answer {ref}"
+        return answer
+
+    async def post(self, ref: int, text: str, timeout: float = 5) -> dict:
+        """Post over the socket; the answer (posted or refused)."""
+        await self.ws.write_message(wire.post_message(ref, text))
+        return await self.wait_answer(ref, timeout)
+
     async def wait_closed(self, timeout: float = 5) -> int | None:
         await self._until(lambda: self.close_code is not None, timeout)
         return self.close_code

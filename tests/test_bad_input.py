@@ -11,6 +11,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from feed_app import auth
+from feed_app.app import MAX_WS_MESSAGE
 from feed_app.httpkit import MAX_BODY
 from tests.support import PASSWORD, raw_http, upgrade_request
 
@@ -193,7 +194,7 @@ async def test_feed_tokens_never_reach_the_logs(api, caplog):
 async def test_client_messages_and_oversized_frames_close_the_feed(api):
     user = await api.new_user()
     feed = await api.open_feed(user)
-    feed.ws.write_message("x" * 10_000)
+    feed.ws.write_message("x" * (MAX_WS_MESSAGE + 1))
     assert await feed.wait_closed() == 1009  # larger than websocket_max_message_size
     feed = await api.open_feed(user)
     feed.ws.write_message('{"type": "post"}')

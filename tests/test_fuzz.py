@@ -7,7 +7,8 @@ checks: every error is {"error": ...} with a 4xx, and a refused request changes 
 
 The websocket handshake: hypothesis with strategies of our own, since schemathesis speaks plain
 HTTP and would read a 101 as an ordinary answer; every handshake must get a status the document
-lists for it, and every refusal a JSON error.
+lists for it, and every refusal a JSON error. The messages a client sends on its open socket
+(posts, and anything else): hypothesis too, against an oracle of docs/websocket.md's rules.
 
 Bounded: MAX_EXAMPLES per operation and per mode, no shrinking past a few seconds, so the whole
 module takes about a minute here and sends well over 1,000 requests (printed at the end).
@@ -15,6 +16,7 @@ module takes about a minute here and sends well over 1,000 requests (printed at 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -31,6 +33,7 @@ import psycopg2
 import pytest
 import requests
 import schemathesis
+import tornado.websocket
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -282,9 +285,119 @@ def test_feed_handshakes_get_only_documented_statuses(service_url):
     handshake()
 
 
+MAX_POST_LENGTH = 1000  # docs/api.md; restated so that the oracle below is not the code under test
+
+
+def posted_text(message: dict) -> bool:
+    """Whether a post message's text is one the service stores."""
+    text = message.get("text")
+    if not isinstance(text, str) or "\x00" in text or not text.strip():
+        return False
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in text):  # a lone surrogate: not UTF-8
+        return False
+    return len(text) <= MAX_POST_LENGTH
+
+
+def answerable_ref(message: object) -> int | None:
+    """The ref of a post message the service answers; None for one it must close for."""
+    if not (isinstance(message, dict) and message.get("type") == "post"):
+        return None
+    ref = message.get("ref")
+    return ref if type(ref) is int and 0 <= ref <= 2**53 - 1 else None
+
+
+@st.composite
+def client_messages(draw) -> str:
+    """Post messages of every shape, texts of any characters (lone surrogates included), and
+    other messages, JSON or not."""
+    texts = st.one_of(
+        st.text(st.characters(exclude_categories=()), max_size=MAX_POST_LENGTH + 50),
+        st.just(" \t\n"),
+        st.text(max_size=3).map(lambda text: text + "x" * MAX_POST_LENGTH),
+        st.none() | st.integers() | st.lists(st.text(max_size=3), max_size=2),
+    )
+    wrong_refs = st.integers(-(2**64), 2**64) | st.floats() | st.booleans() | st.text(max_size=5)
+    refs = st.integers(0, 2**53 - 1) if draw(st.integers(0, 4)) else wrong_refs | st.none()
+    post = st.fixed_dictionaries({"type": st.just("post"), "ref": refs, "text": texts})
+    other = st.one_of(
+        st.dictionaries(st.sampled_from(["type", "ref", "text", "x"]), st.integers() | st.text()),
+        st.lists(st.integers(), max_size=3),
+    )
+    raw = st.text(max_size=40)
+    if draw(st.integers(0, 4)):  # four in five are post messages
+        return json.dumps(draw(post))
+    return draw(st.one_of(other.map(json.dumps), raw))
+
+
+class FeedConnection:
+    """One feed socket of KNOWN["me"], opened again whenever a message closed it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.replace("http", "ws", 1) + f"/post/feed/{KNOWN['me']}?token={TOKEN['me']}"
+        self.ws = None
+
+    async def send(self, message: str) -> dict | None:
+        """Send; the answer read back, or None once the socket closed instead."""
+        if self.ws is None:
+            self.ws = await tornado.websocket.websocket_connect(self.url)
+            while json.loads(await self.ws.read_message())["type"] != "ready":
+                pass
+        await self.ws.write_message(message)
+        while (frame := await asyncio.wait_for(self.ws.read_message(), 10)) is not None:
+            answer = json.loads(frame)
+            if answer["type"] in ("posted", "refused"):
+                return answer
+        return None
+
+    def close_code(self) -> int | None:
+        ws, self.ws = self.ws, None
+        return ws.close_code
+
+
+def test_feed_socket_messages_are_answered_or_close_the_socket_as_documented(
+    service_url, row_counts
+):
+    """Every post message with a ref the client can match is answered on the socket, posted when
+    its text is storable and refused with 400 otherwise, a refusal changing no row; anything else
+    closes the socket with 1003 and changes nothing."""
+    loop = asyncio.new_event_loop()
+    feed = FeedConnection(service_url)
+
+    @hypothesis.given(client_messages())
+    @hypothesis.settings(fuzz_settings, max_examples=WS_EXAMPLES)
+    def message(raw: str) -> None:
+        try:
+            sent = json.loads(raw)
+        except ValueError:
+            sent = None
+        before = row_counts()
+        answer = loop.run_until_complete(feed.send(raw))
+        ref = answerable_ref(sent)
+        if ref is None:
+            assert answer is None and feed.close_code() == 1003, (raw, answer)
+            REQUESTS["websocket message 1003"] += 1
+            assert row_counts(before["newest change"]) == {**before, "new outbox rows": 0}
+            return
+        assert answer is not None and answer["ref"] == ref, (raw, answer)
+        REQUESTS[f"websocket message {answer['type']}"] += 1
+        if posted_text(sent):
+            assert answer["type"] == "posted" and answer["post"]["text"] == sent["text"], answer
+        else:
+            assert (answer["type"], answer["status"]) == ("refused", 400), (raw, answer)
+            assert set(answer) == {"type", "ref", "status", "error"} and answer["error"]
+            assert row_counts(before["newest change"]) == {**before, "new outbox rows": 0}
+
+    try:
+        message()
+    finally:
+        if feed.ws is not None:
+            feed.ws.close()
+        loop.close()
+
+
 def test_the_fuzzing_sent_at_least_1000_requests(request):
     """CI's floor; meaningful only when the whole module ran (not under -k)."""
     fuzzing = [item for item in request.session.items if item.module is request.module]
-    if len(fuzzing) < len(list(http_schema.get_all_operations())) + 2:
+    if len(fuzzing) < len(list(http_schema.get_all_operations())) + 3:
         pytest.skip("only part of the fuzzing ran")
     assert sum(REQUESTS.values()) >= 1000, REQUESTS

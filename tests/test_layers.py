@@ -37,11 +37,11 @@ LAYERS = [
     ),
     ("demo data", {"feed_app.demo"}),
     ("HTTP toolkit", {"feed_app.httpkit"}),
-    ("HTTP edge and limits", {"feed_app.edge", "feed_app.limits"}),
+    ("HTTP edge, limits and posting", {"feed_app.edge", "feed_app.limits", "feed_app.posting"}),
     ("HTTP handlers", {"feed_app.handlers", "feed_app.login_handlers", "feed_app.feed_socket"}),
     ("wiring", {"feed_app.app"}),
 ]
-HTTP_LAYERS = {"HTTP toolkit", "HTTP edge and limits", "HTTP handlers", "wiring"}
+HTTP_LAYERS = {"HTTP toolkit", "HTTP edge, limits and posting", "HTTP handlers", "wiring"}
 HTTP_LIBRARIES = ("tornado.web", "tornado.websocket", "tornado.httpserver", "tornado.httputil")
 # What the rest of the service must load without the web layer coming along.
 BELOW_HTTP = ("feed_app.broker", "feed_app.config", "feed_app.wire")
