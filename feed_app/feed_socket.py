@@ -180,6 +180,11 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
             return
         self.session = self.service.open_session(self.user_id, self)
         if self.session:
+            # Frames go out as they are written. With Nagle's algorithm a frame waits while an
+            # earlier one is unacknowledged, and a client that sends nothing acknowledges late
+            # (delayed ACK: 40 ms on Linux, 200 ms on Windows): an answer and the post after it,
+            # or two posts a moment apart, would reach the client that much apart.
+            self.set_nodelay(True)
             self._live_by(self.claims)
             self.session.start(self.since)
 
