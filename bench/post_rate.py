@@ -10,7 +10,10 @@ spread over the instances in turn, for --duration seconds after a warm-up. It pr
 latency of a POST (p50, p99), and the CPU each post cost the service, PostgreSQL and RabbitMQ.
 Every post is committed (201) or counted as an error. Each poster keeps its connection alive
 (curl_httpclient), as a browser does; --client new-connections opens one per POST (Tornado's
-simple client), which adds the service's accept and close to every post.
+simple client), which adds the service's accept and close to every post. --via socket posts as
+post messages on a feed socket of the poster's own instead (docs/websocket.md): that socket also
+gets each post back (a user's posts are in their own feed), so compare it with --via http
+--own-sockets 1, which does the same receiving and writing.
 
 By default nothing but the posts is measured: no feed socket is open, so delivery costs nothing.
 With --own-sockets K each poster holds K feed sockets open as itself, so that the service also
@@ -49,6 +52,7 @@ from bench.lib.processes import REPO, ManagedProcess, run_tool, wait_ready
 from bench.lib.procstats import CpuMeter, broker_pid
 from bench.lib.service import UNLIMITED
 from deploy.processes import free_port
+from feed_app import wire
 from feed_app.auth import issue_token
 from feed_app.db import drop_database
 
@@ -71,6 +75,13 @@ def parse_args() -> argparse.Namespace:
     )
     service = options.service_options(parser, database=False)
     service.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
+    parser.add_argument(
+        "--via",
+        choices=["http", "socket"],
+        default="http",
+        help="post with POST /post/create, or as post messages on a feed socket of the poster's "
+        "own (docs/websocket.md), one answered before the next [http]",
+    )
     parser.add_argument(
         "--client",
         choices=["keep-alive", "new-connections"],
@@ -143,35 +154,70 @@ class Instances:
 
 async def post_for(
     next_url: Callable[[], str],
-    token: str,
+    user: tuple[int, str],
     until: float,
     warm_until: float,
     into: list,
-    rate: float,
+    args: argparse.Namespace,
 ) -> int:
-    """Post until `until`, one after another or at `rate`; latencies after `warm_until` go into
-    `into`."""
-    client, errors, n, first = AsyncHTTPClient(), 0, 0, time.monotonic()
+    """Post until `until`, one after another or at --rate, over HTTP or the user's own feed
+    socket (--via); latencies after `warm_until` go into `into`. Returns the errors."""
+    send = await (socket_poster if args.via == "socket" else http_poster)(next_url, *user)
+    errors, n, first = 0, 0, time.monotonic()
     while (started := time.monotonic()) < until:
-        if rate:
-            await asyncio.sleep(max(0.0, first + n / rate - started))
+        if args.rate:
+            await asyncio.sleep(max(0.0, first + n / args.rate - started))
             started = time.monotonic()
+        n += 1
+        if not await send(f"post {n}"):
+            errors += 1
+        elif started >= warm_until:
+            into.append(time.monotonic() - started)
+    return errors
+
+
+async def http_poster(next_url: Callable[[], str], _user_id: int, token: str) -> Callable:
+    """POST /post/create, spread over the instances in turn."""
+    client = AsyncHTTPClient()
+
+    async def send(text: str) -> bool:
         request = HTTPRequest(
             next_url() + "/post/create",
             "POST",
             headers={"Authorization": f"Bearer {token}"},
-            body=json.dumps({"text": f"post {n}"}),
+            body=json.dumps({"text": text}),
             request_timeout=30,
         )
-        n += 1
         try:
             await client.fetch(request)
         except (HTTPClientError, OSError):
-            errors += 1
-            continue
-        if started >= warm_until:
-            into.append(time.monotonic() - started)
-    return errors
+            return False
+        return True
+
+    return send
+
+
+async def socket_poster(next_url: Callable[[], str], user_id: int, token: str) -> Callable:
+    """Post messages on a feed socket of the user's own, each answered before the next."""
+    url = f"{next_url().replace('http', 'ws', 1)}/post/feed/{user_id}?token={token}"
+    socket = await tornado.websocket.websocket_connect(url)
+    # A browser's socket sends each message at once; Tornado's client leaves Nagle on, which
+    # holds a message back until the last one's ACK, up to 40 ms (delayed ACK).
+    socket.stream.set_nodelay(True)
+    while wire.frame_type(await socket.read_message()) != "ready":
+        pass
+    refs = itertools.count()
+
+    async def send(text: str) -> bool:
+        ref = next(refs)
+        await socket.write_message(wire.post_message(ref, text))
+        while (frame := await socket.read_message()) is not None:
+            kind = wire.frame_type(frame)
+            if kind in ("posted", "refused"):
+                return kind == "posted"
+        raise ConnectionError("the feed socket closed")
+
+    return send
 
 
 async def open_own_sockets(url: str, user_id: int, token: str, count: int, frames: list) -> list:
@@ -210,9 +256,7 @@ async def measure(instances: Instances, posters: int, args: argparse.Namespace) 
         return next(urls)
 
     end, warm = now + warmup + duration, now + warmup
-    posting = asyncio.gather(
-        *(post_for(next_url, t, end, warm, latencies, args.rate) for _, t in users)
-    )
+    posting = asyncio.gather(*(post_for(next_url, u, end, warm, latencies, args) for u in users))
     broker = await broker_pid()
     await asyncio.sleep(now + warmup - time.monotonic())
     # After the warm-up: the pools have opened the connections the posting needs.
