@@ -91,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of the actions that edit or delete (in turn) one of the phase's posts"
         " instead of posting, each audited like a post [0]",
     )
+    shape.add_argument(
+        "--post-via",
+        choices=["http", "socket"],
+        default="http",
+        help="post with POST /post/create, or as post messages on an open feed socket of the "
+        "author's own, as the page does, falling back to HTTP for an author with none [http]",
+    )
     shape.add_argument("--seed", type=int, default=1, help="random seed of the population [1]")
 
     target = options.service_options(parser)

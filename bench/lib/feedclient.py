@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import itertools
 import json
 import math
 import secrets
@@ -28,7 +29,7 @@ from typing import Any
 import tornado.websocket
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
-from feed_app.wire import Close, frame_type
+from feed_app.wire import Close, frame_type, post_message
 
 INDEX_DIGITS = 8
 
@@ -266,6 +267,8 @@ class FeedClient:
         self.following: int | None = None
         self.closed = False
         self.close_code: int | None = None
+        self._answers: dict[int, asyncio.Future] = {}  # post messages sent, by ref
+        self._refs = itertools.count()
 
     @property
     def is_open(self) -> bool:
@@ -313,12 +316,30 @@ class FeedClient:
             self.tracker.on_post_frame(self.index, message, now)
         elif kind == "deleted":
             self.tracker.on_deleted_frame(self.index, message, now)
+        elif kind in ("posted", "refused"):
+            answer = json.loads(message)
+            waiting = self._answers.pop(answer["ref"], None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(answer)
         elif kind == "ready" and self.ready_at is None:
             self.ready_at = now
             self.following = json.loads(message).get("following")
             if not self.ready.done():
                 self.ready.set_result(True)
         # other frames (checkpoint, following) carry no post
+
+    async def post(self, text: str, timeout: float) -> dict:
+        """Post as this socket's user (docs/websocket.md): the answer, posted or refused.
+        WebSocketClosedError if the socket closes first, asyncio.TimeoutError past `timeout`."""
+        if self.connection is None or self.closed:
+            raise tornado.websocket.WebSocketClosedError()
+        ref = next(self._refs)
+        answer = self._answers[ref] = asyncio.get_running_loop().create_future()
+        try:
+            await self.connection.write_message(post_message(ref, text))
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            self._answers.pop(ref, None)
 
     def _on_closed(self) -> None:
         if self.closed:
@@ -331,6 +352,9 @@ class FeedClient:
         if not self.ready.done():
             self.ready.set_exception(tornado.websocket.WebSocketClosedError())
             self.ready.exception()  # retrieved: nobody else may be waiting for it any more
+        for waiting in self._answers.values():
+            if not waiting.done():
+                waiting.set_exception(tornado.websocket.WebSocketClosedError())
 
     def close(self) -> None:
         self.closed = True

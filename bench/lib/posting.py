@@ -10,6 +10,9 @@ an edit or a delete (in turn) of one of this phase's posts, the oldest not delet
 changed, by its author (in place of the action's planned author: with thousands of authors few
 have an earlier post of their own); before any post was accepted, a post instead. Each change is
 audited as a post is: every open session following the author must get it once.
+
+With --post-via socket a post goes as a post message on an open feed socket of its author's, as
+the page posts (docs/websocket.md), and over HTTP when the author has none open.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from bench.lib import report
@@ -52,6 +56,7 @@ class Plan:
     text_size: int
     drain: float  # seconds to wait for the last deliveries
     change_share: float = 0.0  # fraction of the actions that edit or delete a post
+    post_on_sockets: bool = False  # posts go on an open feed socket of the author's, if any
 
     def kind_of(self, number: int) -> str:
         """Action `number` is a change when the running count of changes steps up at it;
@@ -71,10 +76,16 @@ class PostingPhase:
         plan: Plan,
         *,
         quiet: bool,
+        session_users: list[int] | None = None,
     ) -> None:
         self.service = service
         self.clients = clients
         self.fan_out = fan_out  # author index -> sessions whose user follows it
+        self.own_sessions: collections.defaultdict[int, list[FeedClient]] = collections.defaultdict(
+            list
+        )
+        for session, user in enumerate(session_users or []):
+            self.own_sessions[user].append(clients[session])
         self.plan = plan
         self.quiet = quiet
         self.tracker = Tracker()
@@ -156,30 +167,64 @@ class PostingPhase:
             kind = "post"
         expected = frozenset(s for s in self.fan_out[author] if self.clients[s].is_open)
         record: PostRecord = self.tracker.new_post(author, expected, time.monotonic(), kind, target)
-        base = self.service.urls[number % len(self.service.urls)]
         text = self.tracker.text(record.index, self.plan.text_size)
+        own = self.own_socket(author) if kind == "post" else None
+        if own is not None:
+            status, post_id, error = await self.post_on_socket(own, text)
+        else:
+            base = self.service.urls[number % len(self.service.urls)]
+            status, post_id, error = await self.send_http(http, base, kind, author, target, text)
+        if kind == "post":
+            record.post_id = post_id
+        if kind != "delete" and record.post_id is not None and error is None:
+            self.changeable.append((author, record.post_id))  # changeable (again)
+        self.tracker.on_http_result(record, status, error)
+
+    def own_socket(self, author: int) -> FeedClient | None:
+        """With --post-via socket, an open feed socket of the author's own, as a page posts on."""
+        if not self.plan.post_on_sockets:
+            return None
+        return next((c for c in self.own_sessions[author] if c.is_open), None)
+
+    @staticmethod
+    async def post_on_socket(client: FeedClient, text: str) -> tuple[int, int | None, str | None]:
+        """(status as HTTP would answer, post id, error) of a post message."""
+        try:
+            answer = await client.post(text, timeout=10)
+        except asyncio.TimeoutError:
+            return 599, None, "socket: no answer in 10 s"
+        except tornado.websocket.WebSocketClosedError:
+            return 599, None, "socket: closed before the answer"
+        if answer["type"] == "posted":
+            return 201, answer["post"]["id"], None
+        return answer["status"], None, f"socket: refused {answer['status']}"
+
+    async def send_http(
+        self,
+        http: AsyncHTTPClient,
+        base: str,
+        kind: str,
+        author: int,
+        target: int | None,
+        text: str,
+    ) -> tuple[int, int | None, str | None]:
+        """(status, post id of a post, error) of the action's HTTP request."""
         url, method, body = {
             "post": (base + "/post/create", "POST", {"text": text}),
             "edit": (base + "/post/update", "PUT", {"id": target, "text": text}),
             "delete": (base + f"/post/delete/{target}", "PUT", {}),
         }[kind]
         headers = {"Authorization": f"Bearer {self.service.token(author)}"}
-        status, error = 599, None
         try:
             response = await http.fetch(
                 url, method=method, body=json.dumps(body), headers=headers, request_timeout=10
             )
-            status = response.code
-            if kind == "post":
-                record.post_id = _post_id(response.body)
-            if kind != "delete" and record.post_id is not None:
-                self.changeable.append((author, record.post_id))  # changeable (again)
         except HTTPClientError as exc:
-            status = exc.code
             error = f"HTTP {exc.code}" if exc.code != 599 else f"HTTP 599 {exc.message}"
+            return exc.code, None, error
         except OSError as exc:
-            error = type(exc).__name__
-        self.tracker.on_http_result(record, status, error)
+            return 599, None, type(exc).__name__
+        return response.code, _post_id(response.body) if kind == "post" else None, None
 
     async def drain(self) -> None:
         """Wait for every expected delivery (or the drain timeout) after the last answer."""

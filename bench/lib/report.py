@@ -274,7 +274,7 @@ def print_table(results: dict[str, Any]) -> None:
         f"{pop['users']:,} users, {pop['follows']:,} follows (top author"
         f" {pop['top_author_followers']:,} followers), {pop['sessions']:,} sessions;"
         f" authors {cfg['author_choice']}, {cfg['workers']} worker(s),"
-        f" text {cfg['text_size']} chars"
+        f" text {cfg['text_size']} chars, posts over {cfg.get('post_via', 'http')}"
     )
     rows = table(results)
     width = max(len(label) for label, _ in rows)

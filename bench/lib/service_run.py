@@ -193,11 +193,19 @@ class ServiceRun:
             text_size=args.text_size,
             drain=args.drain,
             change_share=args.change_share,
+            post_on_sockets=args.post_via == "socket",
         )
         service = Service(self.target.urls, self.target.pids, self.target.pids_known, self.token)
         url = self.target.url  # one process answers for all of a URL's workers
         before = await read_histogram(url, LATENCY_HISTOGRAM)
-        posting = PostingPhase(service, self.clients, self.fan_out, plan, quiet=args.quiet)
+        posting = PostingPhase(
+            service,
+            self.clients,
+            self.fan_out,
+            plan,
+            quiet=args.quiet,
+            session_users=self.population.session_users,
+        )
         phase = await posting.run()
         after = await read_histogram(url, LATENCY_HISTOGRAM)
         # From the post's creation to its write on a socket: the service's own share of the
