@@ -40,6 +40,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from feed_app import auth
+from feed_app.config import rate
 from feed_app.wire import Close
 from tests.conftest import with_settings
 from tests.support import PASSWORD, Api, User
@@ -353,8 +354,10 @@ def chromium(front_certificate) -> Iterator[Chromium]:
 
 
 @pytest.fixture
-def settings(settings, amqp_proxy):
-    return with_settings(settings, amqp_url=amqp_proxy.url_for(settings.amqp_url))
+def settings(settings, amqp_proxy, request):
+    marker = request.node.get_closest_marker("limited")
+    limits = marker.kwargs if marker else {}
+    return with_settings(settings, amqp_url=amqp_proxy.url_for(settings.amqp_url), **limits)
 
 
 # A test that runs a second time with the page from HAProxy over HTTPS and WSS.
@@ -627,6 +630,71 @@ async def test_reload_keeps_you_logged_in_with_nothing_in_storage_until_the_log_
     await page.reload()
     await page.wait_for("!document.getElementById('logged-out').hidden")
     assert await page.evaluate("document.getElementById('logged-in').hidden")
+
+
+@pytest.mark.limited(post_rate=rate("2/hour"))
+@pytest.mark.gen_test(timeout=60)
+async def test_a_live_page_posts_over_its_socket_and_says_what_became_of_each_post(
+    browser, api, caplog
+):
+    """With its feed live, the page posts over the socket, never with POST /post/create: the
+    post shows on the author's page at once and live in a follower's browser. A post whose
+    socket drops before the answer is reported unconfirmed and not sent again; it was stored,
+    so it shows once the page is live again, once. Past the post rate (2 an hour here) the
+    socket's refusal shows as an HTTP error does, and the text stays to post later."""
+    author, reader = await api.new_user("Rosa Vega"), await api.new_user("Sam Ortiz")
+    await api.follow(reader, author)
+    authors, readers = await browser.new_page(), await browser.new_page()
+    for page, user in ((authors, author), (readers, reader)):
+        await log_in_with_keyboard(page, user)
+        await wait_live(page)
+    caplog.set_level(logging.INFO)
+
+    def http_posts() -> list[str]:  # the access log's lines for POST /post/create
+        return [r.getMessage() for r in caplog.records if "/post/create" in r.getMessage()]
+
+    error = "document.getElementById('post-error')"
+    typed = "document.getElementById('post-text').value"
+
+    await authors.type("post-text", "sent over the socket")
+    await authors.click("#post-submit")
+    await authors.wait_for(f"{typed} === ''")
+    [posted] = await shown_posts(authors)
+    assert (posted["author"], posted["text"]) == ("Rosa Vega", "sent over the socket")
+    await wait_shown(readers, posted)
+    assert (await shown_posts(readers))[0] == {**posted, "isNew": True}
+    assert http_posts() == []
+
+    # The page itself closes its socket right after sending the next post, so that no answer
+    # can come first: the outcome is unknown, the page says so, keeps the text and sends
+    # nothing again; the server stored the post, and the next socket brings it.
+    await authors.evaluate(
+        """(ws => { const send = ws.send.bind(ws);
+          ws.send = (data) => { send(data); if (JSON.parse(data).type === 'post') ws.close(4000); };
+        })(socket)"""
+    )
+    await authors.type("post-text", "sent as the socket drops")
+    await authors.click("#post-submit")
+    await authors.wait_for(f"!{error}.hidden")
+    assert "before the post was confirmed" in await authors.text("#post-error")
+    assert await authors.evaluate(typed) == "sent as the socket drops"
+    for page in (authors, readers):
+        await page.wait_for("document.querySelectorAll('#output > li').length === 2")
+    await wait_live(authors)
+    code, body = await api.call("GET", "/post/feed", token=author.token)
+    assert code == 200, body
+    texts = ["sent as the socket drops", "sent over the socket"]
+    assert [p["text"] for p in body["posts"]] == texts  # stored once: never sent again
+    assert [p["text"] for p in await shown_posts(authors)] == texts
+
+    await authors.type("post-text", "one too many")
+    await authors.click("#post-submit")
+    await authors.wait_for(f"{error}.textContent.startsWith('too many posts')")
+    assert not await authors.evaluate(f"{error}.hidden")
+    assert await authors.evaluate(typed) == "one too many"
+    assert await authors.evaluate("waitingPosts.size") == 0
+    assert [p["text"] for p in await shown_posts(authors)] == texts
+    assert http_posts() == []
 
 
 @pytest.mark.gen_test(timeout=60)
