@@ -10,9 +10,9 @@ spread over the instances in turn, for --duration seconds after a warm-up. It pr
 latency of a POST (p50, p99), and the CPU each post cost the service, PostgreSQL and RabbitMQ.
 Every post is committed (201) or counted as an error. Each poster keeps its connection alive
 (curl_httpclient), as a browser does; --client new-connections opens one per POST (Tornado's
-simple client), which adds the service's accept and close to every post. --via socket posts as
+simple client), which adds the service's accept and close to every post. --post-via socket posts as
 post messages on a feed socket of the poster's own instead (docs/websocket.md): that socket also
-gets each post back (a user's posts are in their own feed), so compare it with --via http
+gets each post back (a user's posts are in their own feed), so compare it with --post-via http
 --own-sockets 1, which does the same receiving and writing.
 
 By default nothing but the posts is measured: no feed socket is open, so delivery costs nothing.
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     service = options.service_options(parser, database=False)
     service.add_argument("--run-py", default=str(REPO / "run.py"), help="the service to start")
     parser.add_argument(
-        "--via",
+        "--post-via",
         choices=["http", "socket"],
         default="http",
         help="post with POST /post/create, or as post messages on a feed socket of the poster's "
@@ -161,8 +161,8 @@ async def post_for(
     args: argparse.Namespace,
 ) -> int:
     """Post until `until`, one after another or at --rate, over HTTP or the user's own feed
-    socket (--via); latencies after `warm_until` go into `into`. Returns the errors."""
-    send = await (socket_poster if args.via == "socket" else http_poster)(next_url, *user)
+    socket (--post-via); latencies after `warm_until` go into `into`. Returns the errors."""
+    send = await (socket_poster if args.post_via == "socket" else http_poster)(next_url, *user)
     errors, n, first = 0, 0, time.monotonic()
     while (started := time.monotonic()) < until:
         if args.rate:
@@ -213,7 +213,7 @@ async def socket_poster(next_url: Callable[[], str], user_id: int, token: str) -
         await socket.write_message(wire.post_message(ref, text))
         while (frame := await socket.read_message()) is not None:
             kind = wire.frame_type(frame)
-            if kind in ("posted", "refused"):
+            if kind in wire.ANSWER_FRAME_TYPES:
                 return kind == "posted"
         raise ConnectionError("the feed socket closed")
 

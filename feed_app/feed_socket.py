@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
 import tornado.iostream
@@ -59,10 +60,9 @@ WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
 # server selects "feed", never the token, so the token is not echoed back.
 FEED_PROTOCOL = "feed"
 BEARER_PREFIX = "bearer."
-# Post messages one socket may have waiting for their answers; more are refused at once. The
-# author's post rate (limits.py) bounds them over time, this bounds them at one moment.
+# Post messages of one socket being stored at once; past it the socket is not read until one is
+# answered. The author's post rate (limits.py) bounds them over time, this at one moment.
 MAX_POSTS_IN_FLIGHT = 16
-TOO_MANY_IN_FLIGHT = f"more than {MAX_POSTS_IN_FLIGHT} posts waiting for their answers"
 
 
 class Service(Protocol):
@@ -218,14 +218,15 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         """No permessage-deflate: write_prebuilt's frames go out as built, uncompressed."""
         return None
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         match client_message(message):
             case TokenMessage(token):
                 self._renew(token)
             case PostMessage() as post:
-                self._post(post)
+                return self._post(post)
             case _:
                 self._end(Close.CLIENT_DATA)
+        return None
 
     def _renew(self, token: str) -> None:
         try:
@@ -240,35 +241,45 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         else:
             self._live_by(claims)
 
-    def _post(self, message: PostMessage) -> None:
+    def _post(self, message: PostMessage) -> Awaitable[None] | None:
         """Create a post as this socket's user, then answer on the socket. The socket's token is
         live (it is closed when the token expires or its log-in ends), so it authorizes the post
         as an Authorization header would; its expiry and log-out are checked here too, as they
-        are for every HTTP request, not only when their timer or notice comes."""
-        if self.session is None or self.claims is None:
-            return  # the socket is closing: it never got a session
+        are for every HTTP request, not only when their timer or notice comes.
+
+        With MAX_POSTS_IN_FLIGHT posts of this socket waiting, this returns what Tornado waits
+        for before it reads the socket's next message: a client that sends faster than its
+        posts are stored (or refused, slowly, past its rate) is held back by TCP."""
+        if self.session is None or self.session.closed or self.claims is None:
+            return None  # the server is closing the socket: what the client sends is ignored
         if self.claims.expires <= time.time():
             self._end(Close.TOKEN_EXPIRED)
-        elif self.service.revocations.is_ended(self.claims.login_id):
+            return None
+        if self.service.revocations.is_ended(self.claims.login_id):
             self._end(Close.LOGGED_OUT)
-        elif len(self._posting) >= MAX_POSTS_IN_FLIGHT:
-            self._answer(refused_frame(message.ref, 429, TOO_MANY_IN_FLIGHT))
-        else:
-            task = asyncio.ensure_future(self._create(message))
-            self._posting.add(task)
-            task.add_done_callback(self._posting.discard)
+            return None
+        task = asyncio.ensure_future(self._create(message))
+        self._posting.add(task)
+        task.add_done_callback(self._post_done)
+        if len(self._posting) < MAX_POSTS_IN_FLIGHT:
+            return None
+        return asyncio.wait(self._posting, return_when=asyncio.FIRST_COMPLETED)
+
+    def _post_done(self, task: asyncio.Task) -> None:
+        self._posting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("post message of user %d", self.user_id, exc_info=task.exception())
 
     async def _create(self, message: PostMessage) -> None:
         try:
             post = await create_post(self.service, self.user_id, message.text)
         except (ApiError, DatabaseUnavailable, UnknownUser) as exc:
-            answer = refused_frame(message.ref, *refusal(exc))
-        except Exception as exc:  # what Tornado answers an HTTP request with 500 for
+            self._answer(refused_frame(message.ref, *refusal(exc)))
+        except Exception as exc:  # what an HTTP request gets a 500 for
             log.exception("post message of user %d", self.user_id)
-            answer = refused_frame(message.ref, *refusal(exc))
+            self._answer(refused_frame(message.ref, *refusal(exc)))
         else:
-            answer = posted_frame(message.ref, post.to_json())
-        self._answer(answer)
+            self._answer(posted_frame(message.ref, post.to_json()))
 
     def _answer(self, frame: bytes) -> None:
         """Answers go out as the session's frames do, within its bound on unsent bytes; once

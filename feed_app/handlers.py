@@ -19,12 +19,12 @@ from feed_app.httpkit import (
     MAX_BODY,
     ApiError,
     JsonErrors,
+    check_field,
     check_id,
     error_body,
     int_argument,
     limit_argument,
     parse_id,
-    storable,
 )
 from feed_app.posting import check_text, create_post
 from feed_app.wire import MAX_ID
@@ -111,11 +111,7 @@ class BaseHandler(JsonErrors):
             value = body.get(name)
             if kind is int and isinstance(value, decimal.Decimal):
                 value = body[name] = _whole_number(value)
-            # bool is an int in Python, but true is not a user id.
-            if value is None or not isinstance(value, kind) or isinstance(value, bool):
-                raise ApiError(400, f"field '{name}' is required and must be {kind.__name__}")
-            if kind is str and not storable(value):
-                raise ApiError(400, f"field '{name}' contains characters that cannot be stored")
+            check_field(name, value, kind)
         return body
 
     def caller_id(self) -> int:
@@ -222,10 +218,10 @@ class ChangePostHandler(BaseHandler):
 class UpdatePostHandler(ChangePostHandler):
     async def put(self) -> None:
         author = self.caller_id()
-        body = self.json_body({"id": int, "text": str})
+        body = self.json_body({"id": int})
         post_id = check_id(body["id"], "id")
-        check_text(body["text"])
-        post = await self.change(author, post_id, body["text"])
+        text = check_text(body.get("text"))
+        post = await self.change(author, post_id, text)
         self.finish(post.to_json())
 
 

@@ -32,13 +32,22 @@ class ApiError(tornado.web.HTTPError):
         self.headers = headers or {}  # sent with the error (send_error clears earlier ones)
 
 
-def storable(text: str) -> bool:
+def _storable(text: str) -> bool:
     """PostgreSQL text holds no NUL, and UTF-8 has no lone surrogates (JSON can carry both)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return "\x00" not in text
+
+
+def check_field(name: str, value: Any, kind: type) -> None:
+    """400 unless a field of a JSON body is present and of its type (a string one storable)."""
+    # bool is an int in Python, but true is not a user id.
+    if value is None or not isinstance(value, kind) or isinstance(value, bool):
+        raise ApiError(400, f"field '{name}' is required and must be {kind.__name__}")
+    if kind is str and not _storable(value):
+        raise ApiError(400, f"field '{name}' contains characters that cannot be stored")
 
 
 def _digits(value: str | None) -> bool:
@@ -104,7 +113,7 @@ def refusal(exc: BaseException) -> tuple[int, str, int | None]:
     status = exc.status_code if isinstance(exc, tornado.web.HTTPError) else 500
     status = error_status(status, exc)
     retry_after = exc.headers.get("Retry-After") if isinstance(exc, ApiError) else None
-    return status, error_message(status, exc, ""), retry_after and int(retry_after)
+    return status, error_message(status, exc, ""), int(retry_after) if retry_after else None
 
 
 class JsonErrors(tornado.web.RequestHandler):

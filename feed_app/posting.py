@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from feed_app.httpkit import ApiError, storable
+from feed_app.httpkit import ApiError, check_field
 
 if TYPE_CHECKING:
     from feed_app.db import Post
@@ -27,10 +27,7 @@ class Service(Protocol):
 
 def check_text(text: Any) -> str:
     """A post's text as sent, or 400 with what is wrong with it."""
-    if not isinstance(text, str):
-        raise ApiError(400, "field 'text' is required and must be str")
-    if not storable(text):
-        raise ApiError(400, "field 'text' contains characters that cannot be stored")
+    check_field("text", text, str)
     if not text.strip():
         raise ApiError(400, "text must not be empty")
     if len(text) > MAX_POST_LENGTH:

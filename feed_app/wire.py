@@ -168,7 +168,8 @@ def websocket_text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-FRAME_TYPES = ("post", "deleted", "ready", "checkpoint", "following", "posted", "refused")
+ANSWER_FRAME_TYPES = ("posted", "refused")  # the answer to a client's post message
+FRAME_TYPES = ("post", "deleted", "ready", "checkpoint", "following", *ANSWER_FRAME_TYPES)
 CHANGE_FRAME_TYPES = ("post", "deleted")  # what the broker carries: one change of one post
 _PREFIXES = [(kind, f'{{"type":"{kind}"') for kind in FRAME_TYPES]
 

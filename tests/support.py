@@ -205,8 +205,8 @@ class Feed:
 
     def answer(self, ref: int) -> dict | None:
         """The answer to the post message `ref`, once it came."""
-        kinds = ("posted", "refused")
-        return next((m for m in self.messages if m["type"] in kinds and m["ref"] == ref), None)
+        answers = wire.ANSWER_FRAME_TYPES
+        return next((m for m in self.messages if m["type"] in answers and m["ref"] == ref), None)
 
     async def wait_answer(self, ref: int, timeout: float = 5) -> dict:
         await self._until(lambda: self.answer(ref) or self.close_code is not None, timeout)

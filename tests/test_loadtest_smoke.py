@@ -65,7 +65,7 @@ def test_tracker_counts_lost_and_duplicated_deliveries() -> None:
     """The smoke test's zeros mean something: the tracker does see a loss and a duplicate."""
     tracker = Tracker()
     record = tracker.new_post(author=0, expected=frozenset({0, 1}), started=0.0)
-    tracker.on_http_result(record, 201, None)
+    tracker.on_result(record, 201, None)
     frame = post_frame({"id": 7, "text": tracker.text(0, 40)}).decode()
     tracker.on_post_frame(0, frame, 0.01)
     tracker.on_post_frame(0, frame, 0.02)
@@ -83,11 +83,11 @@ def test_tracker_audits_edits_and_deletes_like_posts() -> None:
     sent for; a delete of a post the tracker never deleted is someone else's frame."""
     tracker = Tracker()
     post = tracker.new_post(author=0, expected=frozenset({0, 1}), started=0.0)
-    tracker.on_http_result(post, 201, None)
+    tracker.on_result(post, 201, None)
     edit = tracker.new_post(0, frozenset({0, 1}), 0.1, kind="edit", post_id=7)
-    tracker.on_http_result(edit, 200, None)
+    tracker.on_result(edit, 200, None)
     delete = tracker.new_post(0, frozenset({0, 1}), 0.2, kind="delete", post_id=7)
-    tracker.on_http_result(delete, 200, None)
+    tracker.on_result(delete, 200, None)
     edited = post_frame({"id": 7, "text": tracker.text(edit.index, 40)}).decode()
     for session in (0, 1):
         tracker.on_post_frame(session, edited, 0.3)
@@ -97,7 +97,7 @@ def test_tracker_audits_edits_and_deletes_like_posts() -> None:
     assert (tracker.duplicated, tracker.foreign_frames) == (1, 1)
     assert tracker.losses(open_sessions={0, 1}) == (2, 0)  # the post itself never came
     missing_edit = tracker.new_post(0, frozenset({0}), 0.6, kind="edit", post_id=7)
-    tracker.on_http_result(missing_edit, 404, None)  # refused: nothing expected of it
+    tracker.on_result(missing_edit, 404, None)  # refused: nothing expected of it
     assert tracker.losses(open_sessions={0, 1}) == (2, 0)
 
 

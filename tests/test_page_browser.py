@@ -695,6 +695,9 @@ async def test_a_live_page_posts_over_its_socket_and_says_what_became_of_each_po
     assert await authors.evaluate("waitingPosts.size") == 0
     assert [p["text"] for p in await shown_posts(authors)] == texts
     assert http_posts() == []
+    # The access log does reach this test: a post over HTTP shows in it (refused too: 2 an hour).
+    assert (await api.request("POST", "/post/create", {"text": "x"}, token=author.token))[0] == 429
+    assert len(http_posts()) == 1
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -4,10 +4,13 @@ same post as POST /post/create makes, checked, limited and answered alike, on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 
 import pytest
+from tornado.websocket import WebSocketClosedError
 
 from feed_app import feed_socket, wire
 from feed_app.config import rate
@@ -120,11 +123,11 @@ async def test_posts_over_the_socket_and_over_http_share_one_rate(api, db_counts
     feed = await api.open_feed(author)
     await api.post(author)
     assert (await feed.post(1, "second"))["type"] == "posted"
-    before = db_counts()
+    before = db_counts()["posts"]  # (the outbox rows of the two are being deleted meanwhile)
     refused = await feed.post(2, "third")
     assert (refused["type"], refused["status"]) == ("refused", 429)
     assert "too many posts" in refused["error"] and 1 <= refused["retry_after"] <= 30
-    assert db_counts() == before
+    assert db_counts()["posts"] == before
     assert (await api.request("POST", "/post/create", {"text": "x"}, token=author.token))[0] == 429
 
 
@@ -144,27 +147,50 @@ async def test_with_postgresql_unreachable_a_post_is_refused_with_503_and_the_so
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_posts_past_those_waiting_on_one_socket_are_refused_at_once(api, pg_proxy):
-    """A socket's posts waiting for PostgreSQL are bounded: past MAX_POSTS_IN_FLIGHT the next
-    is refused with 429 without waiting, and the waiting ones are answered once it is back."""
+async def test_past_the_posts_being_stored_the_socket_is_not_read_until_one_is_answered(
+    api, service, pg_proxy
+):
+    """A socket's posts waiting for PostgreSQL are bounded: with MAX_POSTS_IN_FLIGHT of them
+    waiting, the server reads no more of the socket (TCP holds the client back); once they are
+    answered the rest are read and stored, in order, none refused."""
     author = await api.new_user()
     feed = await api.open_feed(author)
+    [session] = service.sessions
     most = feed_socket.MAX_POSTS_IN_FLIGHT
     pg_proxy.pause()
     for ref in range(most + 2):
         await feed.ws.write_message(wire.post_message(ref, f"waiting {ref}"))
-    for ref in (most, most + 1):
-        refused = await feed.wait_answer(ref)
-        assert (refused["status"], refused["error"]) == (429, feed_socket.TOO_MANY_IN_FLIGHT)
-    assert not any(feed.answer(ref) for ref in range(most))
+    await asyncio.sleep(0.3)  # time to read all of them, were the socket still read
+    assert len(session.socket._posting) == most
+    assert not any(feed.answer(ref) for ref in range(most + 2))
     pg_proxy.resume()
-    answers = await asyncio.gather(*(feed.wait_answer(ref) for ref in range(most)))
-    assert [answer["post"]["text"] for answer in answers] == [f"waiting {n}" for n in range(most)]
+    answers = await asyncio.gather(*(feed.wait_answer(ref) for ref in range(most + 2)))
+    assert [answer["type"] for answer in answers] == ["posted"] * (most + 2)
+    texts = [answer["post"]["text"] for answer in answers]
+    assert texts == [f"waiting {n}" for n in range(most + 2)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_what_a_socket_sends_once_the_server_closes_it_stores_nothing(api, db_counts):
+    """A post right behind a bad token renewal (closed with 4001), and one right behind a
+    log-out (4003): the server is closing the socket, and stores neither."""
+    author = await api.new_user()
+    before = db_counts()
+    feed = await api.open_feed(author)
+    await feed.ws.write_message(wire.token_message("not a token"))
+    await feed.ws.write_message(wire.post_message(1, "behind a bad token"))
+    assert (await feed.wait_closed()) == wire.Close.TOKEN_EXPIRED
+    feed = await api.open_feed(author)
+    assert (await api.call("POST", "/logout", token=author.token))[0] == 200
+    with contextlib.suppress(WebSocketClosedError):  # unless the close came first
+        await feed.ws.write_message(wire.post_message(2, "behind a log-out"))
+    assert (await feed.wait_closed()) == wire.Close.LOGGED_OUT
+    assert feed.answer(2) is None and db_counts() == before
 
 
 @pytest.mark.gen_test(timeout=30)
 async def test_a_post_sent_as_the_socket_closes_is_stored_and_the_answer_goes_nowhere(
-    api, service, pg_proxy
+    api, service, pg_proxy, caplog
 ):
     author, reader = await api.new_user(), await api.new_user()
     await api.follow(reader, author)
@@ -178,3 +204,5 @@ async def test_a_post_sent_as_the_socket_closes_is_stored_and_the_answer_goes_no
     pg_proxy.resume()
     [post] = await readers_feed.wait_posts(1)
     assert post["text"] == "sent, then gone"
+    assert [session.user_id for session in service.sessions] == [reader.id]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

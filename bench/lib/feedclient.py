@@ -29,7 +29,7 @@ from typing import Any
 import tornado.websocket
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
-from feed_app.wire import Close, frame_type, post_message
+from feed_app.wire import ANSWER_FRAME_TYPES, Close, frame_type, post_message
 
 INDEX_DIGITS = 8
 
@@ -195,7 +195,7 @@ class Tracker:
     def _count(counter: dict[str, int], key: str) -> None:
         counter[key] = counter.get(key, 0) + 1
 
-    def on_http_result(self, record: PostRecord, status: int, error: str | None) -> None:
+    def on_result(self, record: PostRecord, status: int, error: str | None) -> None:
         record.status = status
         record.answered = time.monotonic()
         if not record.accepted:
@@ -316,7 +316,7 @@ class FeedClient:
             self.tracker.on_post_frame(self.index, message, now)
         elif kind == "deleted":
             self.tracker.on_deleted_frame(self.index, message, now)
-        elif kind in ("posted", "refused"):
+        elif kind in ANSWER_FRAME_TYPES:
             answer = json.loads(message)
             waiting = self._answers.pop(answer["ref"], None)
             if waiting is not None and not waiting.done():

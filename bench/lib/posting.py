@@ -178,7 +178,7 @@ class PostingPhase:
             record.post_id = post_id
         if kind != "delete" and record.post_id is not None and error is None:
             self.changeable.append((author, record.post_id))  # changeable (again)
-        self.tracker.on_http_result(record, status, error)
+        self.tracker.on_result(record, status, error)
 
     def own_socket(self, author: int) -> FeedClient | None:
         """With --post-via socket, an open feed socket of the author's own, as a page posts on."""
