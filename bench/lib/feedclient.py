@@ -22,12 +22,13 @@ import itertools
 import json
 import math
 import secrets
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import picows
 import tornado.websocket
-from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from feed_app.wire import ANSWER_FRAME_TYPES, Close, frame_type, post_message
 
@@ -238,6 +239,35 @@ class Tracker:
         return lost, lost_closed
 
 
+def tail_parts(posts: Sequence[PostRecord], share: float = 0.01) -> dict[str, Any] | None:
+    """Where the slowest `share` of the deliveries spent their time, against all of them (medians,
+    ms): the post's request until its answer (the post path), its answer until the post's first
+    receipt on any session (the broker and the first write), and that first receipt until this
+    one (the drain of the post's fan-out, in the service and in this client). A delivery that
+    came before its post's answer counts from the first receipt only."""
+    parts = []  # (latency, request, to first receipt, drain), seconds
+    for record in posts:
+        if record.answered is None or not record.received:
+            continue
+        first = min(record.received.values())
+        request = min(record.answered, first) - record.started
+        for session, at in record.received.items():
+            if session in record.expected:
+                latency = at - record.started
+                parts.append((latency, request, first - record.started - request, at - first))
+    if len(parts) < 100:
+        return None
+    parts.sort()
+    slowest = parts[-max(1, int(len(parts) * share)) :]
+
+    def medians(rows: list[tuple[float, ...]]) -> dict[str, float]:
+        names = ("latency", "request", "to_first_receipt", "drain")
+        return {name: round(1000 * statistics.median(row[i] for row in rows), 2)
+                for i, name in enumerate(names)}  # fmt: skip
+
+    return {"share": share, "slowest": medians(slowest), "all": medians(parts)}
+
+
 def close_label(code: int | None, reason: str | None) -> str:
     """'4008 TOO_SLOW' for the codes the service sends (its reasons are long sentences), else the
     code and whatever reason came with it."""
@@ -248,8 +278,10 @@ def close_label(code: int | None, reason: str | None) -> str:
 
 
 class FeedClient:
-    """One feed websocket. Callback style (on_message_callback) rather than a read loop per
-    socket: thousands of sockets then cost no coroutine each, only a callback per frame."""
+    """One feed websocket, on picows: its frames are parsed in C and handed to a plain callback,
+    so the client's own CPU per frame stays small beside the service's. With Tornado's client
+    each frame went through several futures and loop callbacks: a post written to 400 sockets
+    took this client longer to read than the service to write, and set the measured tail."""
 
     def __init__(
         self, index: int, url: str, tracker: Tracker, source_ip: str | None = None
@@ -260,13 +292,14 @@ class FeedClient:
         # towards one server port, fewer than the sockets bench/many_sockets.py holds.
         self.source_ip = source_ip
         self.tracker = tracker
-        self.connection: tornado.websocket.WebSocketClientConnection | None = None
+        self.transport: picows.WSTransport | None = None
         self.ready = asyncio.get_running_loop().create_future()
         self.started: float | None = None
         self.ready_at: float | None = None
         self.following: int | None = None
         self.closed = False
         self.close_code: int | None = None
+        self.close_reason: str | None = None
         self._answers: dict[int, asyncio.Future] = {}  # post messages sent, by ref
         self._refs = itertools.count()
 
@@ -283,34 +316,28 @@ class FeedClient:
     async def open(self, timeout: float) -> bool:
         """Connect and wait for `ready`; False (and the error counted) if either fails."""
         self.started = time.monotonic()
+        local = {"local_addr": (self.source_ip, 0)} if self.source_ip else {}
         try:
-            request = HTTPRequest(
-                self.url,
-                connect_timeout=timeout,
-                request_timeout=timeout,
-                network_interface=self.source_ip,
-            )
-            self.connection = await tornado.websocket.websocket_connect(
-                request, on_message_callback=self._on_message
+            self.transport, _ = await asyncio.wait_for(
+                picows.ws_connect(
+                    lambda: _Listener(self), self.url, websocket_handshake_timeout=timeout, **local
+                ),
+                timeout,
             )
             await asyncio.wait_for(asyncio.shield(self.ready), timeout)
             return True
-        except HTTPClientError as exc:
-            self.tracker.on_connect_error(f"HTTP {exc.code}")
+        except picows.WSInvalidStatusError as exc:
+            status = exc.response.status if exc.response else "?"
+            self.tracker.on_connect_error(f"HTTP {int(status)}")
         except asyncio.TimeoutError:
             self.tracker.on_connect_error("timeout waiting for ready")
-        except (OSError, tornado.websocket.WebSocketError) as exc:
+        except (OSError, picows.WSError) as exc:
             self.tracker.on_connect_error(type(exc).__name__)
         self.close()
         return False
 
-    def _on_message(self, message: str | bytes | None) -> None:
+    def on_message(self, message: str) -> None:
         now = time.monotonic()
-        if message is None:
-            self._on_closed()
-            return
-        if isinstance(message, bytes):
-            message = message.decode()
         kind = frame_type(message)
         if kind == "post":
             self.tracker.on_post_frame(self.index, message, now)
@@ -331,24 +358,22 @@ class FeedClient:
     async def post(self, text: str, timeout: float) -> dict:
         """Post as this socket's user (docs/websocket.md): the answer, posted or refused.
         WebSocketClosedError if the socket closes first, asyncio.TimeoutError past `timeout`."""
-        if self.connection is None or self.closed:
+        if self.transport is None or self.closed:
             raise tornado.websocket.WebSocketClosedError()
         ref = next(self._refs)
         answer = self._answers[ref] = asyncio.get_running_loop().create_future()
         try:
-            await self.connection.write_message(post_message(ref, text))
+            self.transport.send(picows.WSMsgType.TEXT, post_message(ref, text).encode())
             return await asyncio.wait_for(answer, timeout)
         finally:
             self._answers.pop(ref, None)
 
-    def _on_closed(self) -> None:
+    def on_closed(self) -> None:
         if self.closed:
             return
         self.closed = True
-        connection = self.connection
-        self.close_code = connection.close_code if connection else None
         if self.ready_at is not None:
-            self.tracker.on_close(self.close_code, connection.close_reason if connection else None)
+            self.tracker.on_close(self.close_code, self.close_reason)
         if not self.ready.done():
             self.ready.set_exception(tornado.websocket.WebSocketClosedError())
             self.ready.exception()  # retrieved: nobody else may be waiting for it any more
@@ -358,10 +383,31 @@ class FeedClient:
 
     def close(self) -> None:
         self.closed = True
-        if self.connection is not None:
-            self.connection.close()
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.transport.send_close(picows.WSCloseCode.OK)
+            self.transport.disconnect()
         if not self.ready.done():
             self.ready.cancel()
+
+
+class _Listener(picows.WSListener):
+    """picows' callbacks for one FeedClient."""
+
+    def __init__(self, client: FeedClient) -> None:
+        self.client = client
+
+    def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
+        if frame.msg_type == picows.WSMsgType.TEXT:
+            self.client.on_message(frame.get_payload_as_utf8_text())
+        elif frame.msg_type == picows.WSMsgType.CLOSE:
+            self.client.close_code = int(frame.get_close_code())
+            message = frame.get_close_message()
+            self.client.close_reason = message.decode(errors="replace") if message else None
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: picows.WSTransport) -> None:
+        self.client.on_closed()
 
 
 async def open_clients(

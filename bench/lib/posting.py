@@ -31,7 +31,7 @@ import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from bench.lib import report
-from bench.lib.feedclient import FeedClient, PostRecord, Tracker, ratio, summarize
+from bench.lib.feedclient import FeedClient, PostRecord, Tracker, ratio, summarize, tail_parts
 from bench.lib.procstats import CpuMeter, processes_named, rss_bytes
 
 MAX_POSTS_IN_FLIGHT = 500
@@ -124,6 +124,7 @@ class PostingPhase:
             "posts": self.posts_section(),
             "deliveries": self.deliveries_section(),
             "latency_ms": summarize(self.tracker.latencies),
+            "tail_ms": tail_parts(self.tracker.posts),
             "errors": {
                 "http": self.tracker.http_errors,
                 "socket_closes": self.tracker.socket_closes,

@@ -169,6 +169,8 @@ def _common_phase_rows(
         ),
         ("create->receive p50/p95/p99/max", _percentiles(phase["latency_ms"])),
         ("create->write p50/p95/p99 (service)", _service_latency(phase.get("service_latency_ms"))),
+        ("slowest 1%: request / to 1st receipt / drain", _tail(phase.get("tail_ms"), "slowest")),
+        ("all: request / to 1st receipt / drain", _tail(phase.get("tail_ms"), "all")),
         ("LOST (open sessions)", _fmt(d["lost"])),
         ("DUPLICATED", _fmt(d["duplicated"])),
         ("undelivered to closed sessions", _fmt(d["lost_to_closed_sessions"])),
@@ -176,6 +178,15 @@ def _common_phase_rows(
         ("frames of other posts (history)", _fmt(d["history_frames"])),
         ("errors", _errors(phase["errors"])),
     ]
+
+
+def _tail(tail: dict[str, Any] | None, which: str) -> str:
+    """Medians of where a delivery's time went (feedclient.tail_parts)."""
+    if not tail:
+        return "-"
+    part = tail[which]
+    parts = " / ".join(_fmt(part[name]) for name in ("request", "to_first_receipt", "drain"))
+    return f"{parts} ms (of {_fmt(part['latency'])} ms, medians)"
 
 
 def _service_latency(found: dict[str, Any] | None) -> str:
