@@ -263,7 +263,8 @@ class FeedSocketHandler(JsonErrors, tornado.websocket.WebSocketHandler):
         task.add_done_callback(self._post_done)
         if len(self._posting) < MAX_POSTS_IN_FLIGHT:
             return None
-        return asyncio.wait(self._posting, return_when=asyncio.FIRST_COMPLETED)
+        # A copy: the coroutine starts a turn later, when the set may have emptied.
+        return asyncio.wait(set(self._posting), return_when=asyncio.FIRST_COMPLETED)
 
     def _post_done(self, task: asyncio.Task) -> None:
         self._posting.discard(task)
