@@ -47,12 +47,12 @@ import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from bench.lib import options
+from bench.lib.feedclient import FeedClient, Tracker
 from bench.lib.options import RESULTS_DIR, SERVER_DSN
 from bench.lib.processes import REPO, ManagedProcess, run_tool, wait_ready
 from bench.lib.procstats import CpuMeter, broker_pid
 from bench.lib.service import UNLIMITED
 from deploy.processes import free_port
-from feed_app import wire
 from feed_app.auth import issue_token
 from feed_app.db import drop_database
 
@@ -198,24 +198,15 @@ async def http_poster(next_url: Callable[[], str], _user_id: int, token: str) ->
 
 
 async def socket_poster(next_url: Callable[[], str], user_id: int, token: str) -> Callable:
-    """Post messages on a feed socket of the user's own, each answered before the next."""
+    """Post messages on a feed socket of the user's own (the load test's FeedClient), each
+    answered before the next."""
     url = f"{next_url().replace('http', 'ws', 1)}/post/feed/{user_id}?token={token}"
-    socket = await tornado.websocket.websocket_connect(url)
-    # A browser's socket sends each message at once; Tornado's client leaves Nagle on, which
-    # holds a message back until the last one's ACK, up to 40 ms (delayed ACK).
-    socket.stream.set_nodelay(True)
-    while wire.frame_type(await socket.read_message()) != "ready":
-        pass
-    refs = itertools.count()
+    client = FeedClient(0, url, Tracker())
+    if not await client.open(timeout=10):
+        raise ConnectionError(f"the feed socket of user {user_id} did not open")
 
     async def send(text: str) -> bool:
-        ref = next(refs)
-        await socket.write_message(wire.post_message(ref, text))
-        while (frame := await socket.read_message()) is not None:
-            kind = wire.frame_type(frame)
-            if kind in wire.ANSWER_FRAME_TYPES:
-                return kind == "posted"
-        raise ConnectionError("the feed socket closed")
+        return (await client.post(text, timeout=30))["type"] == "posted"
 
     return send
 
