@@ -20,7 +20,7 @@ from typing import NoReturn
 import psycopg2
 import tornado.netutil
 
-from feed_app.config import Settings, parse_settings, redact_url
+from feed_app.config import Settings, parse_settings, redact_url, use_event_loop
 from feed_app.db import prepare_database
 from feed_app.demo import seed_demo
 from feed_app.pids import process_exists
@@ -162,6 +162,7 @@ def main() -> int:
     if settings.demo:
         seed_demo(settings.db_dsn)
     settings = dataclasses.replace(settings, workers=settings.workers or os.cpu_count() or 1)
+    use_event_loop(settings.event_loop)
     with metrics_directory():
         if settings.workers == 1:
             asyncio.run(serve(settings, None))

@@ -4,6 +4,7 @@ the parsing of the values that are more than a number or a word (rates, networks
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import ipaddress
 import os
@@ -12,8 +13,13 @@ import socket
 import urllib.parse
 from collections.abc import Sequence
 
+import uvloop
+
 DEV_JWT_SECRET = "dev-secret-change-me"
 MODES = ("session", "process")  # the fan-outs (feed_app/fanout.py says how each works)
+# uvloop runs the event loop in C: a turn of it and each callback cost less than in the standard
+# library's loop, written in Python, and a post takes some twenty turns (BENCHMARKS.md, "uvloop").
+EVENT_LOOPS = {"uvloop": uvloop.EventLoopPolicy, "asyncio": asyncio.DefaultEventLoopPolicy}
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 _RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(second|minute|hour|day|\d{1,9}(?:\.\d+)?)\s*")
@@ -78,6 +84,7 @@ class Settings:
     outbox_lease: float = 10.0
     shutdown_timeout: float = 10.0
     gc_young_threshold: int = 50_000
+    event_loop: str = "uvloop"
     demo: bool = False
     # Limits (docs/limits.md): each a token bucket per key, or a count per process.
     login_rate_user: Rate = Rate(10, 60)
@@ -148,6 +155,7 @@ _OPTIONS = [
     ("outbox_lease", "FEED_OUTBOX_LEASE", "seconds before another process republishes a post"),
     ("shutdown_timeout", "FEED_SHUTDOWN_TIMEOUT", "seconds a graceful shutdown may take"),
     ("gc_young_threshold", "FEED_GC_YOUNG_THRESHOLD", "allocations between young collections"),
+    ("event_loop", "FEED_EVENT_LOOP", "uvloop, or asyncio for the standard library's loop"),
     ("login_rate_user", "FEED_LOGIN_RATE_USER", "login attempts per user id (N/minute, N/hour)"),
     ("login_rate_address", "FEED_LOGIN_RATE_ADDRESS", "login attempts per client address"),
     ("register_rate", "FEED_REGISTER_RATE", "registrations per client address"),
@@ -169,7 +177,7 @@ _OPTIONS = [
     ("instance_name", "FEED_INSTANCE_NAME", "this instance's name in /metrics (default host:port)"),
 ]
 
-_CHOICES = {"fanout": MODES}
+_CHOICES = {"fanout": MODES, "event_loop": EVENT_LOOPS}
 _VARIABLES = {var for _, var, _ in _OPTIONS}
 
 
@@ -241,6 +249,12 @@ def parse_settings(
         if getattr(settings, field) < 0:
             parser.error(f"--{field.replace('_', '-')} must not be negative")
     return settings
+
+
+def use_event_loop(name: str) -> None:
+    """Have asyncio.run and Tornado create `name`'s loop (EVENT_LOOPS) from now on, in this
+    process and in those it forks."""
+    asyncio.set_event_loop_policy(EVENT_LOOPS[name]())
 
 
 def redact_url(url: str) -> str:

@@ -25,7 +25,7 @@ from deploy.certificates import Certificate, local_certificate
 from deploy.cluster import Cluster, Ports
 from deploy.processes import alive
 from feed_app.app import Service, make_app
-from feed_app.config import MODES, Settings, rate
+from feed_app.config import MODES, Settings, rate, use_event_loop
 from feed_app.db import drop_database, prepare_database
 from tests import cluster_tools
 from tests.cluster_clients import Scene
@@ -35,6 +35,8 @@ from tests.tls_front import front
 
 SERVER_DSN = os.environ.get("FEED_TEST_SERVER_DSN", "postgresql://127.0.0.1:5432")
 AMQP_URL = os.environ.get("FEED_AMQP_URL", Settings.amqp_url)
+# FEED_EVENT_LOOP=asyncio runs the suite, in process and in service subprocesses, on that loop.
+EVENT_LOOP = os.environ.get("FEED_EVENT_LOOP", Settings.event_loop)
 
 # Limits far above anything a test does, except where a test checks the limit itself: the suite
 # registers, logs in and posts as hundreds of users from 127.0.0.1. For service subprocesses.
@@ -62,6 +64,12 @@ NO_LIMITS = {
     "sockets_max": 100_000,
     "refusal_delay": 0.0,
 }
+
+
+def pytest_configure() -> None:
+    """The in-process service runs on the loop run.py would give it: pytest-tornado makes its
+    io_loop through asyncio's policy."""
+    use_event_loop(EVENT_LOOP)
 
 
 @pytest.fixture(scope="session")
@@ -168,6 +176,7 @@ def processes(tmp_path, db_dsn, settings) -> Iterator[Callable[..., ServiceProce
             "FEED_AMQP_URL": AMQP_URL,
             "FEED_JWT_SECRET": settings.jwt_secret,  # tokens from the in-process service work
             "FEED_FANOUT": settings.fanout,
+            "FEED_EVENT_LOOP": EVENT_LOOP,
             **env,
         }
         log_path = tmp_path / f"service-{len(started)}.log"

@@ -3,6 +3,7 @@ handshake leave nothing behind, in the process or in RabbitMQ."""
 
 import asyncio
 import gc
+import os
 import socket
 import struct
 import weakref
@@ -28,7 +29,10 @@ def end(writer: asyncio.StreamWriter, how: str) -> None:
     if how == "rst":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     elif how == "shutdown":
-        sock.shutdown(socket.SHUT_RDWR)
+        # On a duplicate of its descriptor: uvloop's transports refuse shutdown(), and it acts
+        # on the connection, whichever descriptor asks.
+        with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
     writer.close()
 
 
