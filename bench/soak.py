@@ -12,8 +12,9 @@ What a run does, in order:
     already running (--service-pids gives its memory and file descriptors);
  2. seeds U users following F authors each, in a fresh id range (bench/lib/population.py);
  3. runs cycles at --rate per second, at most --concurrency at a time: a client opens a feed
-    websocket as the next user, waits for `ready`, holds it --hold seconds, closes it and waits
-    for the server's close frame. Every --hangup-every-th cycle instead sends a valid upgrade
+    websocket as the next user, waits for `ready`, sends --posts post messages on it (each
+    answered before the next), holds it --hold seconds, closes it and waits for the server's
+    close frame. Every --hangup-every-th cycle instead sends a valid upgrade
     request with a valid token and drops the TCP connection at once: by FIN (close), RST
     (SO_LINGER 0) or shutdown(), in turn;
  4. after the warm-up cycles it lets the sessions drain and takes the baseline (RSS, fds); after
@@ -58,6 +59,7 @@ FULL = {
     "rate": 50.0,
     "concurrency": 200,
     "hold": 3.0,
+    "posts": 0,
     "users": 200,
     "hangup_every": 20,
     "sample_every": 5.0,
@@ -68,6 +70,7 @@ SMOKE = {
     "rate": 30.0,
     "concurrency": 10,
     "hold": 0.0,
+    "posts": 1,
     "users": 50,
     "hangup_every": 10,
     "sample_every": 2.0,
@@ -92,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="seconds a session stays open after ready [3; smoke 0]: sessions that outlive a"
         " young-generation collection or two, as real ones do, show what the collector leaves",
+    )
+    add(
+        "--posts",
+        type=int,
+        help="post messages each session sends once ready, one answer after another [0; smoke 1]:"
+        " the posting path under the same churn, its posts fanned out to the open sessions",
     )
     add(
         "--hangup-every",
@@ -137,8 +146,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     planned = args.cycles or round(args.rate * args.duration)
     if args.warmup is None:
         args.warmup = min(max(100, planned // 10), planned // 2)
-    if args.rate <= 0 or args.concurrency < 1 or args.users < 2 or args.hangup_every < 0:
-        parser.error("need --rate > 0, --concurrency >= 1, --users >= 2, --hangup-every >= 0")
+    if (
+        args.rate <= 0
+        or args.concurrency < 1
+        or args.users < 2
+        or min(args.hangup_every, args.posts) < 0
+    ):
+        parser.error(
+            "need --rate > 0, --concurrency >= 1, --users >= 2, --hangup-every >= 0, --posts >= 0"
+        )
     if planned <= args.warmup:
         parser.error(f"{planned} cycles leave nothing after the warm-up of {args.warmup}")
     if len(args.url) > 1:

@@ -1,11 +1,11 @@
 """Connection churn through bench/soak.py --smoke: nothing may be left behind.
 
 The soak spawns the service against a database of its own (feed_soak_smoke_<random>, dropped
-afterwards), opens and closes a few hundred feed sessions, and hangs up during the handshake
-every tenth time (FIN, RST and shutdown in turn). Afterwards no session may still be counted
-open, no session queue of the run may be left in RabbitMQ, and the service may hold no more file
-descriptors than after the warm-up. These hold on a noisy machine; the RSS slope of so short a
-run does not (it is printed, and checked only by the full soak).
+afterwards), opens and closes a few hundred feed sessions, each posting once on its socket, and
+hangs up during the handshake every tenth time (FIN, RST and shutdown in turn). Afterwards no
+session may still be counted open, no session queue of the run may be left in RabbitMQ, and the
+service may hold no more file descriptors than after the warm-up. These hold on a noisy machine;
+the RSS slope of so short a run does not (it is printed, and checked only by the full soak).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def test_churn_with_handshake_hangups_leaves_nothing_behind(
     # The run did what it claims: sessions reached ready, and every kind of hang-up happened.
     assert results["sessions_ready"] > 0, output
     assert set(results["hangups"]) == {"fin", "rst", "shutdown"}, output
+    assert results["posts_stored"] > 0, output
     assert results["sessions_left"] == 0, output
     assert results["queues_left"] == 0, output
     assert results["fds_growth"] is not None, output

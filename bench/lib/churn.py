@@ -34,6 +34,7 @@ from bench.lib.procstats import (
     rss_bytes,
 )
 from bench.lib.service import Target, attach, read_metrics, start_service
+from feed_app.wire import ANSWER_FRAME_TYPES, post_message
 
 HANGUP_MODES = ("fin", "rst", "shutdown")
 SETTLE_SECONDS = 10.0  # at most, between the warm-up and the baseline
@@ -58,6 +59,7 @@ class Soak:
         self.cycles_done = 0
         self.in_flight = 0
         self.ready_seconds: list[float] = []
+        self.posts_stored = 0
         self.hangups: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()
         self.cycling_seconds = 0.0
@@ -203,6 +205,9 @@ class Soak:
         try:
             if await self.wait_ready(connection, started + timeout):
                 self.ready_seconds.append(time.monotonic() - started)
+                for ref in range(self.args.posts):
+                    if not await self.post(connection, ref, f"soak post {user}.{ref}"):
+                        break
                 if self.args.hold:
                     await asyncio.sleep(self.args.hold)
         finally:
@@ -225,6 +230,33 @@ class Soak:
                 return False
             if json.loads(message).get("type") == "ready":
                 return True
+
+    async def post(
+        self, connection: tornado.websocket.WebSocketClientConnection, ref: int, text: str
+    ) -> bool:
+        """A post message on the session's socket (docs/websocket.md), until its answer: every
+        post must be stored. The feed's own frames that come meanwhile are read and let go."""
+        await connection.write_message(post_message(ref, text))
+        deadline = time.monotonic() + self.args.timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(
+                    connection.read_message(), max(0.0, deadline - time.monotonic())
+                )
+            except asyncio.TimeoutError:
+                self.failures["no answer to a post"] += 1
+                return False
+            if message is None:
+                self.failures[f"closed before a post's answer ({connection.close_code})"] += 1
+                return False
+            answer = json.loads(message)
+            if answer.get("type") in ANSWER_FRAME_TYPES and answer.get("ref") == ref:
+                break
+        if answer["type"] != "posted":
+            self.failures[f"post refused ({answer.get('status')})"] += 1
+            return False
+        self.posts_stored += 1
+        return True
 
     async def wait_closed(
         self, connection: tornado.websocket.WebSocketClientConnection, timeout: float
@@ -328,6 +360,7 @@ class Soak:
             "cycles": self.cycles_done,
             "warmup_cycles": self.args.warmup,
             "sessions_ready": len(self.ready_seconds),
+            "posts_stored": self.posts_stored,
             "hangups": dict(self.hangups),
             "failures": dict(self.failures),
             "cycles_per_s": round(self.cycles_done / self.cycling_seconds, 1),

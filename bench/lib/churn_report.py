@@ -23,6 +23,7 @@ def print_summary(results: dict[str, Any]) -> None:
             f"{results['sessions_ready']:,} / "
             + (", ".join(f"{k} {v}" for k, v in results["hangups"].items()) or "none"),
         ),
+        ("posts stored (post messages answered `posted`)", f"{results['posts_stored']:,}"),
         ("failed cycles", ", ".join(f"{k} x{v}" for k, v in results["failures"].items()) or "0"),
         (
             "session ready p50/p99/max",
