@@ -15,6 +15,7 @@ import statistics
 import struct
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2.extensions
@@ -217,19 +218,8 @@ class Soak:
     async def wait_ready(
         self, connection: tornado.websocket.WebSocketClientConnection, deadline: float
     ) -> bool:
-        while True:
-            try:
-                message = await asyncio.wait_for(
-                    connection.read_message(), max(0.0, deadline - time.monotonic())
-                )
-            except asyncio.TimeoutError:
-                self.failures["timeout waiting for ready"] += 1
-                return False
-            if message is None:
-                self.failures[f"closed before ready ({connection.close_code})"] += 1
-                return False
-            if json.loads(message).get("type") == "ready":
-                return True
+        ready = await self.read_until(connection, deadline, "ready", lambda f: f["type"] == "ready")
+        return ready is not None
 
     async def post(
         self, connection: tornado.websocket.WebSocketClientConnection, ref: int, text: str
@@ -238,25 +228,43 @@ class Soak:
         post must be stored. The feed's own frames that come meanwhile are read and let go."""
         await connection.write_message(post_message(ref, text))
         deadline = time.monotonic() + self.args.timeout
+        answer = await self.read_until(
+            connection,
+            deadline,
+            "a post's answer",
+            lambda f: f["type"] in ANSWER_FRAME_TYPES and f.get("ref") == ref,
+        )
+        if answer is None:
+            return False
+        if answer["type"] != "posted":
+            self.failures[f"post refused ({answer.get('status')})"] += 1
+            return False
+        self.posts_stored += 1
+        return True
+
+    async def read_until(
+        self,
+        connection: tornado.websocket.WebSocketClientConnection,
+        deadline: float,
+        awaited: str,
+        wanted: Callable[[dict[str, Any]], bool],
+    ) -> dict[str, Any] | None:
+        """Read frames until one is `wanted`; None, counted as a failed cycle, when the deadline
+        or the socket's close comes first."""
         while True:
             try:
                 message = await asyncio.wait_for(
                     connection.read_message(), max(0.0, deadline - time.monotonic())
                 )
             except asyncio.TimeoutError:
-                self.failures["no answer to a post"] += 1
-                return False
+                self.failures[f"timeout waiting for {awaited}"] += 1
+                return None
             if message is None:
-                self.failures[f"closed before a post's answer ({connection.close_code})"] += 1
-                return False
-            answer = json.loads(message)
-            if answer.get("type") in ANSWER_FRAME_TYPES and answer.get("ref") == ref:
-                break
-        if answer["type"] != "posted":
-            self.failures[f"post refused ({answer.get('status')})"] += 1
-            return False
-        self.posts_stored += 1
-        return True
+                self.failures[f"closed before {awaited} ({connection.close_code})"] += 1
+                return None
+            frame = json.loads(message)
+            if wanted(frame):
+                return frame
 
     async def wait_closed(
         self, connection: tornado.websocket.WebSocketClientConnection, timeout: float
