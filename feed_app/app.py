@@ -67,6 +67,8 @@ class Service:
                 "name": settings.instance,
                 "fanout": settings.fanout,
                 "workers": str(settings.workers),
+                # The loop this process runs on (FEED_EVENT_LOOP): "uvloop" or "asyncio".
+                "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             },
         )
         self.server: tornado.httpserver.HTTPServer | None = None

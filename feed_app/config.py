@@ -18,7 +18,8 @@ import uvloop
 DEV_JWT_SECRET = "dev-secret-change-me"
 MODES = ("session", "process")  # the fan-outs (feed_app/fanout.py says how each works)
 # uvloop runs the event loop in C: a turn of it and each callback cost less than in the standard
-# library's loop, written in Python, and a post takes some twenty turns (BENCHMARKS.md, "uvloop").
+# library's loop, written in Python, and a quiet post takes about seventeen turns (BENCHMARKS.md,
+# "uvloop").
 EVENT_LOOPS = {"uvloop": uvloop.EventLoopPolicy, "asyncio": asyncio.DefaultEventLoopPolicy}
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}

@@ -15,6 +15,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from feed_app.metrics import GAUGES as EXPORTED_GAUGES
 from feed_app.metrics import LATENCY, LATENCY_BOUNDS, Exporter, Metrics
+from tests.conftest import EVENT_LOOP
 from tests.faults import ServiceProcess
 from tests.support import Api
 
@@ -103,7 +104,12 @@ async def test_every_worker_answers_with_the_sum_of_all_workers(processes, setti
             f"sessions per worker {dict(sessions)}"
         )
         await asyncio.sleep(0.1)
-    labels = {"fanout": settings.fanout, "name": "metrics-test", "workers": "2"}
+    labels = {
+        "event_loop": EVENT_LOOP,  # what run.py chose, read from the running loop
+        "fanout": settings.fanout,
+        "name": "metrics-test",
+        "workers": "2",
+    }
     assert samples[("feed_instance_info", tuple(sorted(labels.items())))] == 1
 
     # ...then every scrape shows them, until each worker has answered a few.
