@@ -3,6 +3,7 @@
     .venv/bin/python bench/soak.py                   # 20,000 open/close cycles at 50/s (~8 min)
     .venv/bin/python bench/soak.py --smoke           # 300 cycles (~25 s); the test suite runs it
     .venv/bin/python bench/soak.py --duration 600 --rate 40 --hangup-every 20
+    .venv/bin/python bench/soak.py --duration 720 --posts 1 --fanout process   # posting too
     .venv/bin/python bench/soak.py --url http://127.0.0.1:8888 --service-pids 1234 \\
         --db-dsn postgresql://127.0.0.1:5432/feed --jwt-secret "$FEED_JWT_SECRET"
 
@@ -14,9 +15,9 @@ What a run does, in order:
  3. runs cycles at --rate per second, at most --concurrency at a time: a client opens a feed
     websocket as the next user, waits for `ready`, sends --posts post messages on it (each
     answered before the next), holds it --hold seconds, closes it and waits for the server's
-    close frame. Every --hangup-every-th cycle instead sends a valid upgrade
-    request with a valid token and drops the TCP connection at once: by FIN (close), RST
-    (SO_LINGER 0) or shutdown(), in turn;
+    close frame. Every --hangup-every-th cycle instead sends a valid upgrade request with a
+    valid token and drops the TCP connection at once: by FIN (close), RST (SO_LINGER 0) or
+    shutdown(), in turn;
  4. after the warm-up cycles it lets the sessions drain and takes the baseline (RSS, fds); after
     the last cycle it drains again, until no session and no queue of the run is left or
     --drain-timeout has passed;
@@ -150,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rate <= 0
         or args.concurrency < 1
         or args.users < 2
-        or min(args.hangup_every, args.posts) < 0
+        or args.hangup_every < 0
+        or args.posts < 0
     ):
         parser.error(
             "need --rate > 0, --concurrency >= 1, --users >= 2, --hangup-every >= 0, --posts >= 0"
