@@ -19,6 +19,9 @@ how much of that the service's real work (PostgreSQL, RabbitMQ, exactness) costs
                   write_message() per socket, as any Tornado handler writes.
     GET  /readyz                                                   200 once listening
 
+It runs on the event loop the service runs on by default (FEED_EVENT_LOOP, else the setting's
+default), so that the floor is not slower than the service for want of uvloop.
+
 Run by bench/loadtest.py (--ceilings); standalone: `python bench/bare_push_server.py --port 9001`.
 """
 
@@ -28,6 +31,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -43,6 +47,7 @@ from tornado.iostream import StreamClosedError
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from feed_app import wire
+from feed_app.config import Settings, use_event_loop
 from feed_app.feed_socket import send_or_buffer
 
 # Wait for the writes of this many posts to leave the process before pushing more: the same kind
@@ -183,4 +188,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    use_event_loop(os.environ.get("FEED_EVENT_LOOP", Settings.event_loop))
     asyncio.run(main())
