@@ -29,6 +29,17 @@ QUERY_TIMEOUT = 3.0
 HORIZON_ATTEMPTS = 30  # samples a read with a horizon waits for the horizon clock at start-up
 
 
+def _raise_lost_cancellation() -> None:
+    """aiopg waits for each statement with asyncio.wait_for, which in Python 3.11 swallows a
+    cancellation that lands as the statement completes: the statement's result comes back and the
+    cancelled task carries on (a closed session into its history's warm-up wait, seconds past
+    its end). The task still counts the request (Task.cancelling()), so it is raised here, once
+    the statement is done."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (or answered too slowly); the caller answers 503."""
 
@@ -270,13 +281,15 @@ class Database:
             async with self.pool.acquire() as conn, conn.cursor() as cur:
                 try:
                     await cur.execute(sql, params)
-                    return await cur.fetchall() if cur.description else []
+                    rows = await cur.fetchall() if cur.description else []
                 finally:
                     # An aiopg Cursor and its Transaction refer to each other: left as they are,
                     # every query is a cycle that holds its result set until the collector runs,
                     # which the tuned collector (run.py) does rarely. Cut, reference counting
                     # frees it at once. (aiopg 1.4.0 is its last release.)
                     cur._transaction = None
+            _raise_lost_cancellation()
+            return rows
         except asyncio.TimeoutError as exc:
             raise DatabaseUnavailable(f"no answer within {QUERY_TIMEOUT} s") from exc
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:

@@ -288,7 +288,6 @@ class FeedSession:
                         self.following = following
                         await self._send_history()
                     raise
-                self._check_open()  # before the history, whose first read may wait seconds
                 if self._history_pending:
                     await self._send_history()
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 
 import pytest
@@ -47,5 +48,30 @@ async def test_a_query_leaves_no_cycle_for_the_collector(db_dsn):
             gc.garbage.clear()
             gc.enable()
         assert not {module for module in left if module.startswith(("aiopg", "psycopg2"))}
+    finally:
+        await db.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cancellation_a_library_swallowed_is_raised_when_the_statement_ends(db_dsn):
+    """aiopg's asyncio.wait_for (Python 3.11) drops a cancellation that lands as a statement
+    completes, and the cancelled task carried on: a closed session went on into its history's
+    warm-up wait and outlived the test's loop ("Task was destroyed but it is pending"). Here the
+    task swallows its own cancellation the same way and then runs a statement."""
+    db = await Database.connect(db_dsn, 2)
+
+    async def carry_on_after_a_swallowed_cancellation() -> str:
+        asyncio.current_task().cancel()
+        # Swallowed, as wait_for does when the inner future completed meanwhile.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        await db.ping()
+        return "carried on"
+
+    try:
+        task = asyncio.ensure_future(carry_on_after_a_swallowed_cancellation())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await db.ping()  # the pool and other tasks are unaffected
     finally:
         await db.close()
