@@ -18,7 +18,9 @@ gets each post back (a user's posts are in their own feed), so compare it with -
 By default nothing but the posts is measured: no feed socket is open, so delivery costs nothing.
 With --own-sockets K each poster holds K feed sockets open as itself, so that the service also
 receives each post back from the broker and writes it K times, and --rate paces each poster:
-K = 0, 1 and 33 at one rate separate creating, receiving and writing a post. The
+K = 0, 1 and 33 at one rate separate creating, receiving and writing a post. Several rates
+(--rate 8 64 0) run one after another on the same instances: what a post costs against how
+quiet the process is (BENCHMARKS.md, "Why a quiet post costs twice a busy one"). The
 instances, PostgreSQL, RabbitMQ and this client share the machine's cores. PostgreSQL's CPU is
 that of the backends serving this run's database plus the server's WAL writer, checkpointer and
 background writer (shared with anything else writing on the server); RabbitMQ's is its whole
@@ -64,7 +66,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     parser.add_argument(
-        "--rate", type=float, default=0, help="posts/s of each poster [0: one after another]"
+        "--rate",
+        type=float,
+        nargs="+",
+        default=[0],
+        help="posts/s of each poster, one run per rate [0: one after another]",
     )
     parser.add_argument(
         "--own-sockets",
@@ -158,6 +164,7 @@ async def post_for(
     until: float,
     warm_until: float,
     into: list,
+    rate: float,
     args: argparse.Namespace,
 ) -> int:
     """Post until `until`, one after another or at --rate, over HTTP or the user's own feed
@@ -165,8 +172,8 @@ async def post_for(
     send = await (socket_poster if args.post_via == "socket" else http_poster)(next_url, *user)
     errors, n, first = 0, 0, time.monotonic()
     while (started := time.monotonic()) < until:
-        if args.rate:
-            await asyncio.sleep(max(0.0, first + n / args.rate - started))
+        if rate:
+            await asyncio.sleep(max(0.0, first + n / rate - started))
             started = time.monotonic()
         n += 1
         if not await send(f"post {n}"):
@@ -228,7 +235,9 @@ async def read_all(socket, frames: list) -> None:
         frames[0] += 1
 
 
-async def measure(instances: Instances, posters: int, args: argparse.Namespace) -> dict:
+async def measure(
+    instances: Instances, posters: int, rate: float, args: argparse.Namespace
+) -> dict:
     duration, warmup = args.duration, args.warmup
     users = instances.users(posters)
     frames = [0]
@@ -247,7 +256,9 @@ async def measure(instances: Instances, posters: int, args: argparse.Namespace) 
         return next(urls)
 
     end, warm = now + warmup + duration, now + warmup
-    posting = asyncio.gather(*(post_for(next_url, u, end, warm, latencies, args) for u in users))
+    posting = asyncio.gather(
+        *(post_for(next_url, u, end, warm, latencies, rate, args) for u in users)
+    )
     broker = await broker_pid()
     await asyncio.sleep(now + warmup - time.monotonic())
     # After the warm-up: the pools have opened the connections the posting needs.
@@ -289,8 +300,8 @@ async def measure_all(args: argparse.Namespace) -> None:
     )
     for count in args.instances:
         async with Instances(count, args) as instances:
-            for posters in args.posters:
-                row = await measure(instances, posters, args)
+            for posters, rate in itertools.product(args.posters, args.rate):
+                row = await measure(instances, posters, rate, args)
                 print(
                     f"{row['instances']:>9} {row['posters']:>7} {row['posts_per_s']:>8} "
                     f"{row['p50_ms']:>7} {row['p99_ms']:>7} {row['errors']:>6} "
