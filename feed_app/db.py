@@ -29,15 +29,16 @@ QUERY_TIMEOUT = 3.0
 HORIZON_ATTEMPTS = 30  # samples a read with a horizon waits for the horizon clock at start-up
 
 
-def _raise_lost_cancellation() -> None:
+def _cancellation_lost() -> bool:
     """aiopg waits for each statement with asyncio.wait_for, which in Python 3.11 swallows a
     cancellation that lands as the statement completes: the statement's result comes back and the
     cancelled task carries on (a closed session into its history's warm-up wait, seconds past
-    its end). The task still counts the request (Task.cancelling()), so it is raised here, once
-    the statement is done."""
+    its end). The task still counts the request (Task.cancelling()), so the caller raises it once
+    the statement is done. Not raised here: the task keeps the exception, the exception its
+    traceback's frames, and this frame holds the task, a cycle that would keep a closed session
+    until the collector runs."""
     task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
+    return task is not None and task.cancelling() > 0
 
 
 class DatabaseUnavailable(Exception):
@@ -288,7 +289,8 @@ class Database:
                     # which the tuned collector (run.py) does rarely. Cut, reference counting
                     # frees it at once. (aiopg 1.4.0 is its last release.)
                     cur._transaction = None
-            _raise_lost_cancellation()
+            if _cancellation_lost():
+                raise asyncio.CancelledError()
             return rows
         except asyncio.TimeoutError as exc:
             raise DatabaseUnavailable(f"no answer within {QUERY_TIMEOUT} s") from exc
