@@ -327,7 +327,7 @@ class Database:
                 pass  # requests report the outage; the clock resumes with the database
             else:
                 self.horizon.add_sample(xid, last_value)
-            await asyncio.sleep(HorizonClock.SAMPLE_EVERY)
+            await asyncio.sleep(self.horizon.next_sample_in())
 
     # users and follows
 
@@ -607,7 +607,7 @@ class Database:
         for _ in range(HORIZON_ATTEMPTS):
             if self.horizon.warm:
                 break
-            await asyncio.sleep(HorizonClock.SAMPLE_EVERY)  # the clock has only just started
+            await asyncio.sleep(HorizonClock.WARMING_EVERY)  # the clock has only just started
             rows = await self._run(sql, params)
         horizon = self.horizon.horizon(rows[0][0])
         if horizon is None:

@@ -16,9 +16,15 @@ it.
 (Not the snapshot's xmax: PostgreSQL sets it to the newest *finished* transaction id + 1, so a
 transaction still running with a newer id is neither below it nor listed as running.)
 
-The horizon of a read is the largest such L_i. It lags the newest id by about one sampling period
+The horizon of a read is the largest such L_i. It lags the newest id by one to two sampling periods
 (plus the longest transaction then running); posts above it that the read did return are
 remembered one by one by the session, so the lag costs nothing but a little memory.
+
+Why two periods: a read waits until the clock is warm, so a process just started samples quickly
+until then; after that, a sample every half second keeps the lag at a second or less for a
+fifth of the cost. Each sample is a statement and a transaction id, and at 0.1 s the samples were
+half of what an idle process and its PostgreSQL spend (BENCHMARKS.md, "The horizon clock's
+cost").
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import collections
 
 
 class HorizonClock:
-    SAMPLE_EVERY = 0.1  # seconds
-    KEEP = 3000  # samples: reads whose snapshot is up to five minutes behind still get a horizon
+    WARMING_EVERY = 0.1  # seconds between samples until the clock is warm
+    SAMPLE_EVERY = 0.5  # seconds between samples after that
+    KEEP = 600  # samples: reads whose snapshot is up to five minutes behind still get a horizon
 
     def __init__(self) -> None:
         # (N_(i+1), L_i) pairs; both grow from one sample to the next.
@@ -41,6 +48,10 @@ class HorizonClock:
         """Whether the clock has run long enough for a read to expect a horizon: a few samples,
         so that transactions that were running as it started have finished."""
         return len(self._pairs) >= 3
+
+    def next_sample_in(self) -> float:
+        """Seconds until the next sample."""
+        return self.SAMPLE_EVERY if self.warm else self.WARMING_EVERY
 
     def add_sample(self, xid: int, last_value: int) -> None:
         """One sample: the transaction id it took, and the sequence's last value."""

@@ -8,6 +8,7 @@ import psycopg2
 import pytest
 from tornado.websocket import websocket_connect
 
+from feed_app.horizon import HorizonClock
 from tests.conftest import AMQP_URL, both_fanout_modes
 from tests.support import Feed, inspect_fanout, wait_queue_gone
 
@@ -303,7 +304,7 @@ async def test_the_horizon_stays_below_a_post_still_being_written_on_a_quiet_ser
         with writer.cursor() as cur:
             cur.execute("SELECT id FROM create_post(%s, 'slow commit', 60)", (author.id,))
             [(late_id,)] = cur.fetchall()
-        await asyncio.sleep(0.5)  # a few samples of the horizon clock while it is open
+        await asyncio.sleep(3 * HorizonClock.SAMPLE_EVERY)  # a few samples while it is open
         posts, horizon = await service.db.changes_after([author.id], 0, 20)
         assert late_id not in [post.id for post in posts] and horizon < late_id
         feed = await api.open_feed(follower)
@@ -324,18 +325,18 @@ async def test_a_transaction_running_for_minutes_elsewhere_on_the_server_does_no
     author, reader = await api.new_user(), await api.new_user()
     await api.follow(reader, author)
     clock = service.db.horizon
-    clock._pairs = collections.deque(clock._pairs, maxlen=10)  # ten samples: one second
+    clock._pairs = collections.deque(clock._pairs, maxlen=2)  # two samples: one second
     other = psycopg2.connect(db_dsn.rsplit("/", 1)[0] + "/postgres")
     try:
         with other.cursor() as cur:
             cur.execute("SELECT pg_current_xact_id()")  # and the transaction stays open
-        for n in range(15):
+        for n in range(20):  # two seconds: every pair the clock keeps is newer than `other`
             await api.post(author, f"meanwhile {n}")
             await asyncio.sleep(0.1)
         feed = await api.open_feed(reader)
         live = await api.post(author, "live")
         assert [post["id"] for post in await feed.wait_posts(1)] == [live["id"]]
-        assert len(feed.history) == 15
+        assert len(feed.history) == 20
     finally:
         other.rollback()
         other.close()

@@ -240,6 +240,17 @@ def test_the_horizon_is_the_last_id_of_a_sample_whose_successor_the_read_saw_fin
     assert clock.horizon(10**9) == 9  # 15's writers are unknown until the next sample
 
 
+def test_the_horizon_clock_samples_quickly_only_until_it_is_warm():
+    clock = HorizonClock()
+    delays = []
+    for n in range(5):
+        delays.append(clock.next_sample_in())
+        clock.add_sample(xid=100 + n, last_value=n)
+    warming, steady = HorizonClock.WARMING_EVERY, HorizonClock.SAMPLE_EVERY
+    assert warming < steady
+    assert delays == [warming] * 4 + [steady]  # warm at three pairs: after the fourth sample
+
+
 def test_the_demo_seeds_a_fresh_database_once(scratch_dsn, capsys):
     prepare_database(scratch_dsn)
     demo.seed_demo(scratch_dsn)
