@@ -333,6 +333,8 @@ async def test_a_transaction_running_for_minutes_elsewhere_on_the_server_does_no
         for n in range(20):  # two seconds: every pair the clock keeps is newer than `other`
             await api.post(author, f"meanwhile {n}")
             await asyncio.sleep(0.1)
+        _, horizon = await service.db.changes_after([author.id], 0, 1)
+        assert horizon is None, "the clock still remembers a sample older than `other`"
         feed = await api.open_feed(reader)
         live = await api.post(author, "live")
         assert [post["id"] for post in await feed.wait_posts(1)] == [live["id"]]
