@@ -36,7 +36,8 @@ import collections
 class HorizonClock:
     WARMING_EVERY = 0.1  # seconds between samples until the clock is warm
     SAMPLE_EVERY = 0.5  # seconds between samples after that
-    KEEP = 600  # samples: reads whose snapshot is up to five minutes behind still get a horizon
+    REMEMBER_FOR = 300.0  # seconds: reads whose snapshot is this far behind still get a horizon
+    KEEP = round(REMEMBER_FOR / SAMPLE_EVERY)  # samples
 
     def __init__(self) -> None:
         # (N_(i+1), L_i) pairs; both grow from one sample to the next.
